@@ -1,0 +1,406 @@
+//! The director: one request in, one routing decision out.
+//!
+//! Steps, in the GIE's order: parse the body, resolve the objective's priority, rewrite the
+//! model, narrow the candidates to the gateway's subset hint, check saturation and shed
+//! sheddable work, run the scheduling profile, then record the decision in the prefix index
+//! and the in-flight counters. The returned [`Decision`] holds an [`InflightGuard`] whose
+//! drop marks the request complete, so a stream that ends any way at all (response end,
+//! reset, timeout, picker error) gives its slot back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use rand::RngCore;
+
+use crate::datastore::{Datastore, Snapshot};
+use crate::endpoint::Endpoint;
+use crate::prefix::{block_hashes, PrefixConfig, PrefixIndex};
+use crate::request::{approx_tokens, parse_body, splice_model, ApiKind, BodyError};
+use crate::rewrite;
+use crate::saturation::SaturationConfig;
+use crate::scheduler::{EndpointView, Profile, RequestFacts};
+
+/// Everything that shapes scheduling, replaceable at run time.
+#[derive(Debug)]
+pub struct SchedulerConfig {
+    pub profile: Profile,
+    pub prefix: PrefixConfig,
+    pub saturation: SaturationConfig,
+    /// Scores ignore metrics older than this (`--metrics-staleness-threshold`).
+    pub staleness: Duration,
+    /// Count what this picker sent since the last scrape (on by default; off to compare).
+    pub inflight_accounting: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            profile: Profile::default_profile(),
+            prefix: PrefixConfig::default(),
+            saturation: SaturationConfig::default(),
+            staleness: Duration::from_secs(2),
+            inflight_accounting: true,
+        }
+    }
+}
+
+/// What a gateway tells the director about one request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInput<'a> {
+    /// The HTTP `:path`, which selects the API.
+    pub path: &'a str,
+    /// The full body; `None` when the request had none (pick on load alone).
+    pub body: Option<&'a [u8]>,
+    /// `x-gateway-inference-objective`.
+    pub objective: Option<&'a str>,
+    /// `test-epp-endpoint-selection`, comma-separated.
+    pub test_selection: Option<&'a str>,
+    /// The gateway's subset hint; `Some(empty)` means no endpoint is allowed.
+    pub subset: Option<Vec<SocketAddr>>,
+}
+
+/// HTTP-ish class of a refusal; the protocol layer maps it to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    NotFound,
+    Shed,
+    NoEndpoints,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Shed => 429,
+            ErrorKind::NoEndpoints => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The code name used in error bodies and the `error_code` metric label.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "BadRequest",
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::Shed => "ResourceExhausted",
+            ErrorKind::NoEndpoints => "ServiceUnavailable",
+            ErrorKind::Internal => "Internal",
+        }
+    }
+}
+
+/// A request the director refuses, with a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PickError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl PickError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        PickError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BodyError> for PickError {
+    fn from(e: BodyError) -> Self {
+        PickError::new(ErrorKind::BadRequest, e.to_string())
+    }
+}
+
+/// Marks one dispatched request as outstanding on an endpoint until dropped.
+#[derive(Debug)]
+pub struct InflightGuard {
+    endpoint: Arc<Endpoint>,
+    tokens: u64,
+}
+
+impl InflightGuard {
+    fn new(endpoint: Arc<Endpoint>, tokens: u64) -> Self {
+        endpoint.add_inflight(tokens);
+        InflightGuard { endpoint, tokens }
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// The gateway served the request elsewhere (a fallback): move the count there.
+    pub fn move_to(&mut self, endpoint: Arc<Endpoint>) {
+        if !Arc::ptr_eq(&endpoint, &self.endpoint) {
+            endpoint.add_inflight(self.tokens);
+            let old = std::mem::replace(&mut self.endpoint, endpoint);
+            old.sub_inflight(self.tokens);
+        }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.endpoint.sub_inflight(self.tokens);
+    }
+}
+
+/// The outcome of scheduling one request.
+#[derive(Debug)]
+pub struct Decision {
+    /// Primary first, then fallbacks.
+    pub endpoints: Vec<SocketAddr>,
+    /// The model the client asked for (empty when there was no body).
+    pub model: String,
+    /// The model the endpoint will serve; differs from `model` after a rewrite.
+    pub target_model: String,
+    pub priority: i32,
+    /// The new body when the model was rewritten; `None` means forward the original bytes.
+    pub rewritten_body: Option<Vec<u8>>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub prompt_tokens: u64,
+    /// Leading prompt blocks the primary was believed to hold, and the prompt's total.
+    pub prefix_hit_blocks: usize,
+    pub prompt_blocks: usize,
+    pub inflight: InflightGuard,
+}
+
+/// Scheduling state shared by every request of one picker.
+#[derive(Debug)]
+pub struct Director {
+    datastore: Datastore,
+    config: ArcSwap<SchedulerConfig>,
+    prefix: Mutex<PrefixState>,
+    decisions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct PrefixState {
+    index: PrefixIndex,
+    /// Datastore generation at the last sweep of departed endpoints.
+    swept_generation: u64,
+}
+
+impl Director {
+    pub fn new(datastore: Datastore, config: SchedulerConfig) -> Self {
+        let index = PrefixIndex::new(config.prefix);
+        Director {
+            datastore,
+            config: ArcSwap::from_pointee(config),
+            prefix: Mutex::new(PrefixState {
+                index,
+                swept_generation: u64::MAX,
+            }),
+            decisions: AtomicU64::new(0),
+        }
+    }
+
+    pub fn datastore(&self) -> &Datastore {
+        &self.datastore
+    }
+
+    pub fn config(&self) -> Arc<SchedulerConfig> {
+        self.config.load_full()
+    }
+
+    /// Swap in a new configuration; the prefix index is kept if its settings are unchanged.
+    pub fn reload(&self, config: SchedulerConfig) {
+        let mut p = self.prefix.lock();
+        if p.index.config() != &config.prefix {
+            p.index = PrefixIndex::new(config.prefix);
+        }
+        self.config.store(Arc::new(config));
+    }
+
+    /// Entries in the prefix index and its lifetime hit ratio (for metrics).
+    pub fn prefix_stats(&self) -> (usize, f64) {
+        let p = self.prefix.lock();
+        (p.index.len(), p.index.hit_ratio())
+    }
+
+    /// Number of successful decisions so far.
+    pub fn decisions(&self) -> u64 {
+        self.decisions.load(Ordering::Relaxed)
+    }
+
+    /// Schedule one request at `now`.
+    pub fn decide(
+        &self,
+        input: &RequestInput<'_>,
+        now: Duration,
+        rng: &mut dyn RngCore,
+    ) -> Result<Decision, PickError> {
+        let cfg = self.config.load();
+        let snap = self.datastore.snapshot();
+        let api = ApiKind::from_path(input.path);
+        let parsed = input.body.map(|b| parse_body(api, b)).transpose()?;
+
+        let model = parsed.as_ref().map(|p| p.model.clone()).unwrap_or_default();
+        let priority = resolve_priority(&snap, input.objective, &model)?;
+        let target_model = match rewrite::choose(&snap.rewrites, &model, rng) {
+            Some(t) if parsed.is_some() => t.to_string(),
+            _ => model.clone(),
+        };
+        let rewritten_body = match (&parsed, input.body) {
+            (Some(p), Some(body)) if target_model != model => {
+                Some(splice_model(body, p.model_span.clone(), &target_model))
+            }
+            _ => None,
+        };
+
+        let mut cands: Vec<&Arc<Endpoint>> = snap.endpoints.iter().collect();
+        if snap.endpoints.is_empty() {
+            return Err(PickError::new(
+                ErrorKind::NoEndpoints,
+                "no ready endpoints in the pool",
+            ));
+        }
+        if let Some(subset) = &input.subset {
+            cands.retain(|e| subset.contains(&e.spec.addr));
+            if cands.is_empty() {
+                return Err(PickError::new(
+                    ErrorKind::NoEndpoints,
+                    format!(
+                        "the gateway's subset hint ({} endpoints) matches none of the pool's {} ready endpoints",
+                        subset.len(),
+                        snap.endpoints.len()
+                    ),
+                ));
+            }
+        }
+
+        let prompt_parts = parsed
+            .as_ref()
+            .map(|p| p.prompt_parts.as_slice())
+            .unwrap_or(&[]);
+        let prompt_tokens = parsed.as_ref().map_or(0, |p| approx_tokens(p.prompt_bytes));
+        let mut views: Vec<EndpointView> = cands
+            .iter()
+            .map(|e| EndpointView::with_inflight(e, now, cfg.staleness, cfg.inflight_accounting))
+            .collect();
+
+        let hashes = if cfg.profile.uses_prefix() && !prompt_parts.is_empty() {
+            block_hashes(&cfg.prefix, &target_model, prompt_parts)
+        } else {
+            Vec::new()
+        };
+        if !hashes.is_empty() {
+            let mut p = self.prefix.lock();
+            self.sweep_departed(&mut p, &snap);
+            let matches = p.index.longest_matches(&hashes);
+            if !matches.is_empty() {
+                for v in &mut views {
+                    v.prefix_blocks = matches.get(&v.endpoint.id).copied().unwrap_or(0);
+                }
+            }
+        }
+
+        let all: Vec<usize> = (0..views.len()).collect();
+        let sat = &cfg.saturation;
+        if priority < 0 && sat.pool_score(&views, &all, now) >= 1.0 {
+            return Err(PickError::new(
+                ErrorKind::Shed,
+                format!(
+                    "the pool is saturated and this request's priority ({priority}) is sheddable; retry later or use an objective with priority >= 0"
+                ),
+            ));
+        }
+        // Prefer endpoints below their saturation threshold (plus headroom) when any are.
+        let limit = 1.0 + sat.headroom;
+        let mut cands_idx: Vec<usize> = all.clone();
+        if cands_idx
+            .iter()
+            .any(|&i| sat.endpoint_score(&views[i], now) < limit)
+        {
+            cands_idx.retain(|&i| sat.endpoint_score(&views[i], now) < limit);
+        }
+
+        let facts = RequestFacts {
+            target_model: target_model.clone(),
+            prompt_blocks: hashes.len(),
+            prompt_tokens,
+            test_selection: input.test_selection.map(|s| {
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect()
+            }),
+        };
+        let picked = cfg.profile.run(&facts, &views, cands_idx, rng);
+        let Some(&primary) = picked.first() else {
+            return Err(PickError::new(
+                ErrorKind::NoEndpoints,
+                "no endpoint passed the scheduling filters (check test-epp-endpoint-selection or the profile's filters)",
+            ));
+        };
+        let endpoint = views[primary].endpoint.clone();
+        if !hashes.is_empty() {
+            self.prefix.lock().index.insert(endpoint.id, &hashes);
+        }
+        self.decisions.fetch_add(1, Ordering::Relaxed);
+        let (stream, include_usage) = parsed
+            .as_ref()
+            .map_or((false, false), |p| (p.stream, p.include_usage));
+        Ok(Decision {
+            endpoints: picked.iter().map(|&i| views[i].addr()).collect(),
+            prefix_hit_blocks: views[primary].prefix_blocks,
+            prompt_blocks: hashes.len(),
+            model,
+            target_model,
+            priority,
+            rewritten_body,
+            stream,
+            include_usage,
+            prompt_tokens,
+            inflight: InflightGuard::new(endpoint, prompt_tokens),
+        })
+    }
+
+    /// Drop index entries of endpoints that left the pool (once per datastore change).
+    fn sweep_departed(&self, p: &mut PrefixState, snap: &Snapshot) {
+        let generation = self.datastore.generation();
+        if p.swept_generation == generation {
+            return;
+        }
+        p.swept_generation = generation;
+        let live: std::collections::HashSet<u32> = snap.endpoints.iter().map(|e| e.id).collect();
+        for id in p.index.endpoints() {
+            if !live.contains(&id) {
+                p.index.remove_endpoint(id);
+            }
+        }
+    }
+}
+
+/// Priority from the named objective, else from a legacy InferenceModel for the model, else 0.
+fn resolve_priority(
+    snap: &Snapshot,
+    objective: Option<&str>,
+    model: &str,
+) -> Result<i32, PickError> {
+    match objective.filter(|o| !o.is_empty()) {
+        Some(name) => match snap.objectives.get(name) {
+            Some(o) => Ok(o.priority),
+            None => {
+                let mut known: Vec<&str> = snap.objectives.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                Err(PickError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "unknown InferenceObjective {name:?} in x-gateway-inference-objective (known: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ))
+            }
+        },
+        None => Ok(snap.model_priorities.get(model).copied().unwrap_or(0)),
+    }
+}

@@ -1,0 +1,325 @@
+//! Director behaviour end to end inside `core`: decisions a user of the picker would notice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use infergate_core::director::{Director, ErrorKind, RequestInput, SchedulerConfig};
+use infergate_core::objective::{Objective, Rewrite, RewriteRule, RewriteTarget};
+use infergate_core::{Datastore, EndpointMetrics, EndpointSpec, Engine, Policy};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+const NOW: Duration = Duration::from_secs(1000);
+
+fn addr(port: u16) -> SocketAddr {
+    ([10, 0, 0, 1], port).into()
+}
+
+/// A pool with one endpoint per `(port, waiting, kv)`, all freshly scraped at `NOW`.
+fn mk_pool(eps: &[(u16, u32, f64)]) -> Datastore {
+    let ds = Datastore::new();
+    ds.set_endpoints(
+        eps.iter()
+            .map(|&(p, _, _)| EndpointSpec::new(addr(p), Engine::Vllm))
+            .collect(),
+    );
+    for &(p, waiting, kv) in eps {
+        ds.snapshot().endpoint(addr(p)).unwrap().set_metrics(
+            EndpointMetrics {
+                waiting,
+                kv_cache_usage: Some(kv),
+                ..Default::default()
+            },
+            NOW,
+        );
+    }
+    ds
+}
+
+fn completion(model: &str, prompt: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 8}))
+        .unwrap()
+}
+
+fn input(body: &[u8]) -> RequestInput<'_> {
+    RequestInput {
+        path: "/v1/completions",
+        body: Some(body),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn burst_between_scrapes_spreads_with_inflight_accounting_and_herds_without() {
+    // Port 1 looks best in the last scrape; the others have one request queued.
+    let pool = [(1, 0, 0.1), (2, 1, 0.1), (3, 1, 0.1), (4, 1, 0.1)];
+    let run = |inflight: bool| {
+        let ds = mk_pool(&pool);
+        let cfg = SchedulerConfig {
+            inflight_accounting: inflight,
+            ..Default::default()
+        };
+        let d = Director::new(ds, cfg);
+        let mut rng = SmallRng::seed_from_u64(42);
+        let mut held = Vec::new();
+        let mut per: HashMap<SocketAddr, usize> = HashMap::new();
+        for i in 0..40 {
+            let body = completion(
+                "m",
+                &format!("unrelated prompt number {i} {}", "x".repeat(i * 7)),
+            );
+            let dec = d.decide(&input(&body), NOW, &mut rng).unwrap();
+            *per.entry(dec.endpoints[0]).or_default() += 1;
+            held.push(dec); // requests stay in flight: no scrape happens during the burst
+        }
+        per
+    };
+    let herd = run(false);
+    assert_eq!(
+        herd.get(&addr(1)),
+        Some(&40),
+        "without accounting all land on the best-looking one: {herd:?}"
+    );
+    let spread = run(true);
+    let max = *spread.values().max().unwrap();
+    assert_eq!(spread.len(), 4, "{spread:?}");
+    assert!(
+        max <= 12,
+        "with accounting no replica takes more than 12 of 40: {spread:?}"
+    );
+}
+
+#[test]
+fn inflight_returns_to_zero_when_decisions_drop() {
+    let ds = mk_pool(&[(1, 0, 0.0), (2, 0, 0.0)]);
+    let d = Director::new(ds.clone(), SchedulerConfig::default());
+    let mut rng = SmallRng::seed_from_u64(1);
+    let body = completion("m", &"p".repeat(400));
+    let decisions: Vec<_> = (0..10)
+        .map(|_| d.decide(&input(&body), NOW, &mut rng).unwrap())
+        .collect();
+    let total: u64 = ds
+        .snapshot()
+        .endpoints
+        .iter()
+        .map(|e| e.inflight_requests())
+        .sum();
+    assert_eq!(total, 10);
+    assert!(
+        ds.snapshot()
+            .endpoints
+            .iter()
+            .map(|e| e.inflight_tokens())
+            .sum::<u64>()
+            >= 1000
+    );
+    drop(decisions);
+    for e in &ds.snapshot().endpoints {
+        assert_eq!((e.inflight_requests(), e.inflight_tokens()), (0, 0));
+    }
+}
+
+#[test]
+fn sheddable_request_gets_429_when_pool_saturated_and_others_are_served() {
+    let ds = mk_pool(&[(1, 9, 0.5), (2, 7, 0.95)]);
+    ds.set_policy(Policy {
+        objectives: vec![
+            Objective {
+                name: "batch".into(),
+                priority: -1,
+            },
+            Objective {
+                name: "chat".into(),
+                priority: 5,
+            },
+        ],
+        ..Default::default()
+    });
+    let d = Director::new(ds, SchedulerConfig::default());
+    let mut rng = SmallRng::seed_from_u64(1);
+    let body = completion("m", "hello");
+    let mut inp = input(&body);
+    inp.objective = Some("batch");
+    let err = d.decide(&inp, NOW, &mut rng).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Shed);
+    assert_eq!(err.kind.status(), 429);
+    inp.objective = Some("chat");
+    assert_eq!(d.decide(&inp, NOW, &mut rng).unwrap().priority, 5);
+    inp.objective = None;
+    assert!(d.decide(&inp, NOW, &mut rng).is_ok());
+}
+
+#[test]
+fn sheddable_request_is_served_when_pool_has_room() {
+    let ds = mk_pool(&[(1, 0, 0.1), (2, 9, 0.9)]);
+    ds.set_policy(Policy {
+        objectives: vec![Objective {
+            name: "batch".into(),
+            priority: -1,
+        }],
+        ..Default::default()
+    });
+    let d = Director::new(ds, SchedulerConfig::default());
+    let body = completion("m", "hello");
+    let inp = RequestInput {
+        objective: Some("batch"),
+        ..input(&body)
+    };
+    let dec = d
+        .decide(&inp, NOW, &mut SmallRng::seed_from_u64(1))
+        .unwrap();
+    assert_eq!(
+        dec.endpoints,
+        vec![addr(1)],
+        "the saturated endpoint is avoided"
+    );
+}
+
+#[test]
+fn unknown_objective_is_refused_with_the_known_names() {
+    let ds = mk_pool(&[(1, 0, 0.0)]);
+    ds.set_policy(Policy {
+        objectives: vec![Objective {
+            name: "chat".into(),
+            priority: 1,
+        }],
+        ..Default::default()
+    });
+    let d = Director::new(ds, SchedulerConfig::default());
+    let body = completion("m", "x");
+    let inp = RequestInput {
+        objective: Some("chta"),
+        ..input(&body)
+    };
+    let err = d
+        .decide(&inp, NOW, &mut SmallRng::seed_from_u64(1))
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::BadRequest);
+    assert!(
+        err.message.contains("\"chta\"") && err.message.contains("known: chat"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn rewrite_splices_the_target_into_the_original_bytes() {
+    let ds = mk_pool(&[(1, 0, 0.0)]);
+    ds.set_policy(Policy {
+        rewrites: vec![Rewrite {
+            source: "default/r".into(),
+            rules: vec![RewriteRule {
+                matches: vec!["public".into()],
+                targets: vec![RewriteTarget {
+                    model: "served-v2".into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+        ..Default::default()
+    });
+    let d = Director::new(ds, SchedulerConfig::default());
+    let body = br#"{"prompt": "say \"model\"",   "model":"public","max_tokens":1}"#;
+    let dec = d
+        .decide(&input(body), NOW, &mut SmallRng::seed_from_u64(1))
+        .unwrap();
+    assert_eq!(
+        (dec.model.as_str(), dec.target_model.as_str()),
+        ("public", "served-v2")
+    );
+    assert_eq!(
+        dec.rewritten_body.as_deref(),
+        Some(&br#"{"prompt": "say \"model\"",   "model":"served-v2","max_tokens":1}"#[..])
+    );
+}
+
+#[test]
+fn no_endpoints_and_empty_subset_are_503() {
+    let d = Director::new(Datastore::new(), SchedulerConfig::default());
+    let body = completion("m", "x");
+    let err = d
+        .decide(&input(&body), NOW, &mut SmallRng::seed_from_u64(1))
+        .unwrap_err();
+    assert_eq!(err.kind.status(), 503);
+
+    let d = Director::new(
+        mk_pool(&[(1, 0, 0.0), (2, 0, 0.0)]),
+        SchedulerConfig::default(),
+    );
+    let inp = RequestInput {
+        subset: Some(vec![]),
+        ..input(&body)
+    };
+    assert_eq!(
+        d.decide(&inp, NOW, &mut SmallRng::seed_from_u64(1))
+            .unwrap_err()
+            .kind
+            .status(),
+        503
+    );
+    let inp = RequestInput {
+        subset: Some(vec![addr(2)]),
+        ..input(&body)
+    };
+    for _ in 0..20 {
+        assert_eq!(
+            d.decide(&inp, NOW, &mut SmallRng::seed_from_u64(1))
+                .unwrap()
+                .endpoints,
+            vec![addr(2)]
+        );
+    }
+}
+
+#[test]
+fn shared_prefix_sticks_while_unrelated_prompts_spread() {
+    let d = Director::new(
+        mk_pool(&[(1, 0, 0.1), (2, 0, 0.1), (3, 0, 0.1)]),
+        SchedulerConfig::default(),
+    );
+    let mut rng = SmallRng::seed_from_u64(5);
+    let system = "You are a helpful assistant. ".repeat(150); // ~4 KB shared prefix
+    let mut shared = HashMap::new();
+    for i in 0..20 {
+        let dec = d
+            .decide(
+                &input(&completion("m", &format!("{system} question {i}"))),
+                NOW,
+                &mut rng,
+            )
+            .unwrap();
+        *shared.entry(dec.endpoints[0]).or_insert(0) += 1;
+        // complete at once so load does not push requests away
+    }
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    let mut spread = HashMap::new();
+    for i in 0..30 {
+        let dec = d
+            .decide(
+                &input(&completion(
+                    "m",
+                    &format!("{i} unrelated {}", "q".repeat(100 + i)),
+                )),
+                NOW,
+                &mut rng,
+            )
+            .unwrap();
+        *spread.entry(dec.endpoints[0]).or_insert(0) += 1;
+    }
+    assert!(spread.len() >= 2, "{spread:?}");
+}
+
+#[test]
+fn malformed_body_is_400_with_the_reason() {
+    let d = Director::new(mk_pool(&[(1, 0, 0.0)]), SchedulerConfig::default());
+    let err = d
+        .decide(
+            &input(b"{\"model\": "),
+            NOW,
+            &mut SmallRng::seed_from_u64(1),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind.status(), 400);
+    assert!(err.message.contains("not valid JSON"), "{}", err.message);
+}
