@@ -7,6 +7,7 @@
 //! randomness (callers pass an RNG). The same code runs behind Envoy, inside the
 //! standalone gateway, and inside virtual-time simulations.
 
+pub mod build;
 pub mod datastore;
 pub mod director;
 pub mod endpoint;
