@@ -25,7 +25,10 @@ pub struct BuildError(pub String);
 
 /// Build the scheduler from an EndpointPickerConfig. `staleness` is
 /// `--metrics-staleness-threshold`; the profile used is the config's only profile.
-pub fn scheduler_config(cfg: &EndpointPickerConfig, staleness: Duration) -> Result<SchedulerConfig, BuildError> {
+pub fn scheduler_config(
+    cfg: &EndpointPickerConfig,
+    staleness: Duration,
+) -> Result<SchedulerConfig, BuildError> {
     let profile = match cfg.scheduling_profiles.as_slice() {
         [p] => p,
         [] => return Err(BuildError("the config has no scheduling profile".into())),
@@ -43,7 +46,10 @@ pub fn scheduler_config(cfg: &EndpointPickerConfig, staleness: Duration) -> Resu
     let mut prefix = PrefixConfig::default();
     for pr in &profile.plugins {
         let spec = cfg.plugin(&pr.plugin_ref).ok_or_else(|| {
-            BuildError(format!("profile {:?} refers to undefined plugin {:?}", profile.name, pr.plugin_ref))
+            BuildError(format!(
+                "profile {:?} refers to undefined plugin {:?}",
+                profile.name, pr.plugin_ref
+            ))
         })?;
         match &spec.kind {
             PluginKind::QueueScorer => scorers.push((Box::new(QueueScorer), pr.weight())),
@@ -95,7 +101,10 @@ pub fn scheduler_config(cfg: &EndpointPickerConfig, staleness: Duration) -> Resu
         }
     }
     // Prefix settings also come from a prefix-cache-scorer defined outside the profile.
-    if !scorers.iter().any(|(s, _)| s.type_name() == "prefix-cache-scorer") {
+    if !scorers
+        .iter()
+        .any(|(s, _)| s.type_name() == "prefix-cache-scorer")
+    {
         for p in &cfg.plugins {
             if let PluginKind::PrefixCacheScorer(pp) = &p.kind {
                 prefix.block_size_tokens = pp.block_size_tokens.max(1) as usize;
@@ -153,7 +162,8 @@ pub fn policy(file: &PoolFile) -> Policy {
         ..Default::default()
     };
     for m in &file.models {
-        p.model_priorities.insert(m.spec.model_name.clone(), m.priority());
+        p.model_priorities
+            .insert(m.spec.model_name.clone(), m.priority());
         if let Some(r) = legacy_rewrite(m) {
             p.rewrites.push(r);
         }
@@ -162,7 +172,10 @@ pub fn policy(file: &PoolFile) -> Policy {
 }
 
 pub fn objective(o: &InferenceObjective) -> Objective {
-    Objective { name: o.metadata.name.clone(), priority: o.priority() }
+    Objective {
+        name: o.metadata.name.clone(),
+        priority: o.priority(),
+    }
 }
 
 fn weight(w: Option<i32>) -> u32 {
@@ -181,7 +194,10 @@ pub fn rewrite(r: &InferenceModelRewrite) -> Rewrite {
                 targets: rule
                     .targets
                     .iter()
-                    .map(|t| RewriteTarget { model: t.model_rewrite.clone(), weight: weight(t.weight) })
+                    .map(|t| RewriteTarget {
+                        model: t.model_rewrite.clone(),
+                        weight: weight(t.weight),
+                    })
                     .collect(),
             })
             .collect(),
@@ -194,14 +210,20 @@ fn legacy_rewrite(m: &InferenceModel) -> Option<Rewrite> {
         return None;
     }
     Some(Rewrite {
-        source: format!("{}/{} (InferenceModel)", m.metadata.namespace, m.metadata.name),
+        source: format!(
+            "{}/{} (InferenceModel)",
+            m.metadata.namespace, m.metadata.name
+        ),
         rules: vec![RewriteRule {
             matches: vec![m.spec.model_name.clone()],
             targets: m
                 .spec
                 .target_models
                 .iter()
-                .map(|t| RewriteTarget { model: t.name.clone(), weight: weight(t.weight) })
+                .map(|t| RewriteTarget {
+                    model: t.name.clone(),
+                    weight: weight(t.weight),
+                })
                 .collect(),
         }],
     })
@@ -213,11 +235,24 @@ mod tests {
 
     #[test]
     fn default_config_builds_the_reference_profile() {
-        let s = scheduler_config(&EndpointPickerConfig::default_config(), Duration::from_secs(2)).unwrap();
-        let names: Vec<(&str, f64)> = s.profile.scorers.iter().map(|(s, w)| (s.type_name(), *w)).collect();
+        let s = scheduler_config(
+            &EndpointPickerConfig::default_config(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let names: Vec<(&str, f64)> = s
+            .profile
+            .scorers
+            .iter()
+            .map(|(s, w)| (s.type_name(), *w))
+            .collect();
         assert_eq!(
             names,
-            vec![("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0)]
+            vec![
+                ("queue-scorer", 2.0),
+                ("kv-cache-utilization-scorer", 2.0),
+                ("prefix-cache-scorer", 3.0)
+            ]
         );
         assert_eq!(s.profile.picker.type_name(), "max-score-picker");
         assert_eq!(s.prefix.block_size_tokens, 16);
@@ -250,7 +285,10 @@ schedulingProfiles:
 "#;
         let cfg = EndpointPickerConfig::from_yaml_str(text, "epp.yaml").unwrap();
         let s = scheduler_config(&cfg, Duration::from_secs(2)).unwrap();
-        assert_eq!(s.profile.filters[0].type_name(), "header-based-testing-filter");
+        assert_eq!(
+            s.profile.filters[0].type_name(),
+            "header-based-testing-filter"
+        );
         assert_eq!(s.profile.scorers[0].1, 5.0);
         assert_eq!(s.prefix.block_size_tokens, 32);
         assert_eq!(s.prefix.max_blocks, 10);
@@ -258,6 +296,11 @@ schedulingProfiles:
         assert_eq!(s.saturation.queue_depth_threshold, 9.0);
         assert_eq!(s.saturation.kv_cache_util_threshold, 0.5);
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(1);
-        assert_eq!(s.profile.picker.pick(&[0, 1, 2, 3], &[0.0, 1.0, 2.0, 3.0], &mut rng), vec![3, 2, 1]);
+        assert_eq!(
+            s.profile
+                .picker
+                .pick(&[0, 1, 2, 3], &[0.0, 1.0, 2.0, 3.0], &mut rng),
+            vec![3, 2, 1]
+        );
     }
 }

@@ -313,16 +313,6 @@ impl Director {
                 ),
             ));
         }
-        // Prefer endpoints below their saturation threshold (plus headroom) when any are.
-        let limit = 1.0 + sat.headroom;
-        let mut cands_idx: Vec<usize> = all.clone();
-        if cands_idx
-            .iter()
-            .any(|&i| sat.endpoint_score(&views[i], now) < limit)
-        {
-            cands_idx.retain(|&i| sat.endpoint_score(&views[i], now) < limit);
-        }
-
         let facts = RequestFacts {
             target_model: target_model.clone(),
             prompt_blocks: hashes.len(),
@@ -334,7 +324,11 @@ impl Director {
                     .collect()
             }),
         };
-        let picked = cfg.profile.run(&facts, &views, cands_idx, rng);
+        // Steer around endpoints past their saturation threshold (plus headroom) when any
+        // others remain after the profile's filters.
+        let limit = 1.0 + sat.headroom;
+        let avoid = |i: usize| sat.endpoint_score(&views[i], now) >= limit;
+        let picked = cfg.profile.run(&facts, &views, all, &avoid, rng);
         let Some(&primary) = picked.first() else {
             return Err(PickError::new(
                 ErrorKind::NoEndpoints,

@@ -527,11 +527,15 @@ impl Profile {
     }
 
     /// Run the pipeline over `cands`; returns chosen view indices, best first (maybe empty).
+    /// After the profile's filters, candidates for which `avoid` holds are dropped unless
+    /// that would drop all (used to steer around saturated endpoints without ever
+    /// overriding a filter's hard choice).
     pub fn run(
         &self,
         req: &RequestFacts,
         views: &[EndpointView],
         mut cands: Vec<usize>,
+        avoid: &dyn Fn(usize) -> bool,
         rng: &mut dyn RngCore,
     ) -> Vec<usize> {
         for f in &self.filters {
@@ -540,6 +544,7 @@ impl Profile {
                 return cands;
             }
         }
+        keep_some(&mut cands, |i| !avoid(i));
         let mut total = vec![0.0; cands.len()];
         let mut buf = vec![0.0; cands.len()];
         for (s, w) in &self.scorers {
@@ -784,8 +789,13 @@ mod tests {
             mk_endpoint(3, 1, 1, 0.2),
         ]);
         let mut rng = SmallRng::seed_from_u64(1);
-        let picked =
-            Profile::default_profile().run(&RequestFacts::default(), &v, vec![0, 1, 2], &mut rng);
+        let picked = Profile::default_profile().run(
+            &RequestFacts::default(),
+            &v,
+            vec![0, 1, 2],
+            &|_| false,
+            &mut rng,
+        );
         assert_eq!(picked, vec![1]);
     }
 }

@@ -17,12 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    body_mutation, processing_request::Request, processing_response::Response, BodyMutation, BodyResponse,
-    CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders, ImmediateResponse, ProcessingRequest,
-    ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+    body_mutation, processing_request::Request, processing_response::Response, BodyMutation,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use infergate_core::director::{Decision, Director, PickError, RequestInput};
@@ -84,7 +87,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_body_bytes: 64 << 20, conformance_headers: false }
+        Options {
+            max_body_bytes: 64 << 20,
+            conformance_headers: false,
+        }
     }
 }
 
@@ -100,7 +106,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,12 +120,21 @@ impl Context {
         options: Options,
         seed: u64,
     ) -> Self {
-        Context { director, metrics, clock, options, seed: AtomicU64::new(seed) }
+        Context {
+            director,
+            metrics,
+            clock,
+            options,
+            seed: AtomicU64::new(seed),
+        }
     }
 
     fn next_rng(&self) -> SmallRng {
         // Distinct, reproducible streams per exchange without a global RNG.
-        SmallRng::seed_from_u64(self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed))
+        SmallRng::seed_from_u64(
+            self.seed
+                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed),
+        )
     }
 }
 
@@ -189,13 +206,19 @@ impl Exchange {
             Some(Request::ResponseBody(b)) => self.on_response_body(b),
             Some(Request::ResponseTrailers(_)) => {
                 self.finish();
-                vec![reply(Response::ResponseTrailers(TrailersResponse::default()))]
+                vec![reply(Response::ResponseTrailers(
+                    TrailersResponse::default(),
+                ))]
             }
             None => vec![],
         }
     }
 
-    fn on_request_headers(&mut self, h: HttpHeaders, msg: &ProcessingRequest) -> Vec<ProcessingResponse> {
+    fn on_request_headers(
+        &mut self,
+        h: HttpHeaders,
+        msg: &ProcessingRequest,
+    ) -> Vec<ProcessingResponse> {
         for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
             let key = hv.key.as_str();
             match key {
@@ -213,7 +236,9 @@ impl Exchange {
             // Envoy waits for this reply before sending the body: let the headers through
             // now and route from the body reply.
             BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed => {
-                vec![reply(Response::RequestHeaders(HeadersResponse { response: Some(CommonResponse::default()) }))]
+                vec![reply(Response::RequestHeaders(HeadersResponse {
+                    response: Some(CommonResponse::default()),
+                }))]
             }
             _ => vec![],
         }
@@ -225,13 +250,16 @@ impl Exchange {
         }
         if self.req.body.len() + b.body.len() > self.ctx.options.max_body_bytes {
             self.req.decided = true;
-            return vec![self.refuse(PickError {
-                kind: ErrorKind::BadRequest,
-                message: format!(
-                    "request body exceeds the picker's limit of {} bytes (--max-body-bytes)",
-                    self.ctx.options.max_body_bytes
-                ),
-            }, 413)];
+            return vec![self.refuse(
+                PickError {
+                    kind: ErrorKind::BadRequest,
+                    message: format!(
+                        "request body exceeds the picker's limit of {} bytes (--max-body-bytes)",
+                        self.ctx.options.max_body_bytes
+                    ),
+                },
+                413,
+            )];
         }
         if self.req.body.is_empty() {
             self.req.body = b.body;
@@ -245,8 +273,14 @@ impl Exchange {
     }
 
     fn on_request_trailers(&mut self) -> Vec<ProcessingResponse> {
-        let mut out = if self.req.decided { vec![] } else { self.decide_and_route_with(true, false) };
-        out.push(reply(Response::RequestTrailers(TrailersResponse::default())));
+        let mut out = if self.req.decided {
+            vec![]
+        } else {
+            self.decide_and_route_with(true, false)
+        };
+        out.push(reply(
+            Response::RequestTrailers(TrailersResponse::default()),
+        ));
         out
     }
 
@@ -270,7 +304,9 @@ impl Exchange {
         };
         let result = ctx.director.decide(&input, t0, &mut self.rng);
         let t1 = (ctx.clock)();
-        ctx.metrics.scheduler_e2e_duration_seconds.observe(t1.saturating_sub(t0).as_secs_f64());
+        ctx.metrics
+            .scheduler_e2e_duration_seconds
+            .observe(t1.saturating_sub(t0).as_secs_f64());
         let decision = match result {
             Ok(d) => d,
             Err(e) => {
@@ -279,7 +315,10 @@ impl Exchange {
             }
         };
         self.decided_at = t1;
-        let labels = ModelLabels { model_name: decision.model.clone(), target_model_name: decision.target_model.clone() };
+        let labels = ModelLabels {
+            model_name: decision.model.clone(),
+            target_model_name: decision.target_model.clone(),
+        };
         ctx.metrics
             .request_total
             .get_or_create(&RequestLabels {
@@ -288,29 +327,54 @@ impl Exchange {
                 priority: decision.priority.to_string(),
             })
             .inc();
-        ctx.metrics.request_sizes.get_or_create(&labels).observe(body.len() as f64);
-        ctx.metrics.running_requests.get_or_create(&RunningLabels { model_name: labels.model_name.clone() }).inc();
+        ctx.metrics
+            .request_sizes
+            .get_or_create(&labels)
+            .observe(body.len() as f64);
+        ctx.metrics
+            .running_requests
+            .get_or_create(&RunningLabels {
+                model_name: labels.model_name.clone(),
+            })
+            .inc();
         self.labels = Some(labels);
 
-        let dest = decision.endpoints.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+        let dest = decision
+            .endpoints
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         let new_body: &[u8] = decision.rewritten_body.as_deref().unwrap_or(&body);
         let mut set_headers = vec![set_header(DESTINATION_KEY, &dest)];
-        if decision.rewritten_body.is_some() {
+        if has_body {
+            // Envoy drops the length when a processor streams the body; restore it (with the
+            // new size if the model was rewritten) so servers see what the client sent.
             set_headers.push(set_header("content-length", &new_body.len().to_string()));
         }
-        let header_mutation = Some(HeaderMutation { set_headers, remove_headers: vec![SERVED_KEY.to_string()] });
+        let header_mutation = Some(HeaderMutation {
+            set_headers,
+            remove_headers: vec![SERVED_KEY.to_string()],
+        });
         let metadata = Some(lb_metadata(&dest));
         let mut out = Vec::new();
-        let buffered = matches!(self.request_mode, BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed);
+        let buffered = matches!(
+            self.request_mode,
+            BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed
+        );
         if has_body && buffered {
-            let body_mutation = decision
-                .rewritten_body
-                .as_ref()
-                .map(|b| BodyMutation { mutation: Some(body_mutation::Mutation::Body(b.clone())) });
+            let body_mutation = decision.rewritten_body.as_ref().map(|b| BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(b.clone())),
+            });
             out.push(ProcessingResponse {
                 dynamic_metadata: metadata,
                 response: Some(Response::RequestBody(BodyResponse {
-                    response: Some(CommonResponse { header_mutation, body_mutation, clear_route_cache: true, ..Default::default() }),
+                    response: Some(CommonResponse {
+                        header_mutation,
+                        body_mutation,
+                        clear_route_cache: true,
+                        ..Default::default()
+                    }),
                 })),
                 ..Default::default()
             });
@@ -318,7 +382,11 @@ impl Exchange {
             out.push(ProcessingResponse {
                 dynamic_metadata: metadata,
                 response: Some(Response::RequestHeaders(HeadersResponse {
-                    response: Some(CommonResponse { header_mutation, clear_route_cache: true, ..Default::default() }),
+                    response: Some(CommonResponse {
+                        header_mutation,
+                        clear_route_cache: true,
+                        ..Default::default()
+                    }),
                 })),
                 ..Default::default()
             });
@@ -336,14 +404,20 @@ impl Exchange {
             target_model_name: String::new(),
             error_code: e.kind.code().to_string(),
         };
-        self.ctx.metrics.request_error_total.get_or_create(&labels).inc();
+        self.ctx
+            .metrics
+            .request_error_total
+            .get_or_create(&labels)
+            .inc();
         tracing::debug!(status, error = %e.message, "request refused");
         let body = serde_json::json!({
             "error": { "message": e.message, "type": e.kind.code(), "code": status }
         });
         ProcessingResponse {
             response: Some(Response::ImmediateResponse(ImmediateResponse {
-                status: Some(HttpStatus { code: i32::from(status) }),
+                status: Some(HttpStatus {
+                    code: i32::from(status),
+                }),
                 headers: Some(HeaderMutation {
                     set_headers: vec![set_header("content-type", "application/json")],
                     remove_headers: vec![],
@@ -356,7 +430,11 @@ impl Exchange {
         }
     }
 
-    fn on_response_headers(&mut self, h: HttpHeaders, msg: &ProcessingRequest) -> Vec<ProcessingResponse> {
+    fn on_response_headers(
+        &mut self,
+        h: HttpHeaders,
+        msg: &ProcessingRequest,
+    ) -> Vec<ProcessingResponse> {
         let mut status = 200u16;
         for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
             match hv.key.as_str() {
@@ -376,7 +454,8 @@ impl Exchange {
                 }
             }
             if self.ctx.options.conformance_headers {
-                let served = served_endpoint(msg).unwrap_or_else(|| d.inflight.endpoint().spec.addr);
+                let served =
+                    served_endpoint(msg).unwrap_or_else(|| d.inflight.endpoint().spec.addr);
                 set_headers.push(set_header(CONFORMANCE_SERVED_HEADER, &served.to_string()));
             }
             if d.target_model != d.model {
@@ -385,7 +464,10 @@ impl Exchange {
             }
         }
         if status >= 400 {
-            let labels = self.labels.clone().unwrap_or(ModelLabels { model_name: String::new(), target_model_name: String::new() });
+            let labels = self.labels.clone().unwrap_or(ModelLabels {
+                model_name: String::new(),
+                target_model_name: String::new(),
+            });
             self.ctx
                 .metrics
                 .request_error_total
@@ -396,10 +478,16 @@ impl Exchange {
                 })
                 .inc();
         }
-        let mutation = (!set_headers.is_empty() || !remove_headers.is_empty())
-            .then_some(HeaderMutation { set_headers, remove_headers });
+        let mutation =
+            (!set_headers.is_empty() || !remove_headers.is_empty()).then_some(HeaderMutation {
+                set_headers,
+                remove_headers,
+            });
         let out = vec![reply(Response::ResponseHeaders(HeadersResponse {
-            response: Some(CommonResponse { header_mutation: mutation, ..Default::default() }),
+            response: Some(CommonResponse {
+                header_mutation: mutation,
+                ..Default::default()
+            }),
         }))];
         if h.end_of_stream {
             self.finish();
@@ -430,7 +518,11 @@ impl Exchange {
                     let cut = if b.end_of_stream {
                         self.resp.held.len()
                     } else {
-                        self.resp.held.iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1)
+                        self.resp
+                            .held
+                            .iter()
+                            .rposition(|&c| c == b'\n')
+                            .map_or(0, |p| p + 1)
                     };
                     let ready: Vec<u8> = self.resp.held.drain(..cut).collect();
                     let mapped = map_model_back(&ready, from, to);
@@ -438,7 +530,8 @@ impl Exchange {
                 }
             }
         } else {
-            let keep = !self.resp.buffer_overflow && self.resp.buffered.len() + b.body.len() <= MAX_BUFFERED_RESPONSE;
+            let keep = !self.resp.buffer_overflow
+                && self.resp.buffered.len() + b.body.len() <= MAX_BUFFERED_RESPONSE;
             match &rename {
                 Some((from, to)) if keep => {
                     // Hold the whole JSON until its end, then map the name back in one go.
@@ -482,10 +575,16 @@ impl Exchange {
         let m = &self.ctx.metrics;
         let now = (self.ctx.clock)();
         let e2e = now.saturating_sub(self.decided_at).as_secs_f64();
-        m.request_duration_seconds.get_or_create(&labels).observe(e2e);
-        m.response_sizes.get_or_create(&labels).observe(self.resp.bytes as f64);
+        m.request_duration_seconds
+            .get_or_create(&labels)
+            .observe(e2e);
+        m.response_sizes
+            .get_or_create(&labels)
+            .observe(self.resp.bytes as f64);
         if let Some(t) = self.resp.first_byte_at {
-            m.request_ttft_seconds.get_or_create(&labels).observe(t.saturating_sub(self.decided_at).as_secs_f64());
+            m.request_ttft_seconds
+                .get_or_create(&labels)
+                .observe(t.saturating_sub(self.decided_at).as_secs_f64());
         }
         let usage: Option<Usage> = if self.resp.sse {
             self.resp.sse_usage.finish();
@@ -496,9 +595,15 @@ impl Exchange {
             None
         };
         if let Some(u) = usage {
-            m.input_tokens.get_or_create(&labels).observe(u.prompt_tokens as f64);
-            m.output_tokens.get_or_create(&labels).observe(u.completion_tokens as f64);
-            m.prompt_cached_tokens.get_or_create(&labels).observe(u.cached_tokens as f64);
+            m.input_tokens
+                .get_or_create(&labels)
+                .observe(u.prompt_tokens as f64);
+            m.output_tokens
+                .get_or_create(&labels)
+                .observe(u.completion_tokens as f64);
+            m.prompt_cached_tokens
+                .get_or_create(&labels)
+                .observe(u.cached_tokens as f64);
             if u.completion_tokens > 0 {
                 m.normalized_time_per_output_token_seconds
                     .get_or_create(&labels)
@@ -510,7 +615,13 @@ impl Exchange {
 
     fn release(&mut self) {
         if let (Some(labels), Some(_)) = (&self.labels, self.decision.take()) {
-            self.ctx.metrics.running_requests.get_or_create(&RunningLabels { model_name: labels.model_name.clone() }).dec();
+            self.ctx
+                .metrics
+                .running_requests
+                .get_or_create(&RunningLabels {
+                    model_name: labels.model_name.clone(),
+                })
+                .dec();
         }
     }
 
@@ -528,7 +639,10 @@ impl Drop for Exchange {
 }
 
 fn reply(r: Response) -> ProcessingResponse {
-    ProcessingResponse { response: Some(r), ..Default::default() }
+    ProcessingResponse {
+        response: Some(r),
+        ..Default::default()
+    }
 }
 
 fn header_value(hv: &HeaderValue) -> String {
@@ -541,27 +655,48 @@ fn header_value(hv: &HeaderValue) -> String {
 
 fn set_header(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key: key.to_string(), value: String::new(), raw_value: value.as_bytes().to_vec() }),
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
 
 fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_string())) }
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
 }
 
 fn lb_metadata(dest: &str) -> Struct {
-    let inner = Struct { fields: [(DESTINATION_KEY.to_string(), string_value(dest))].into_iter().collect() };
+    let inner = Struct {
+        fields: [(DESTINATION_KEY.to_string(), string_value(dest))]
+            .into_iter()
+            .collect(),
+    };
     Struct {
-        fields: [(LB_NAMESPACE.to_string(), Value { kind: Some(Kind::StructValue(inner)) })].into_iter().collect(),
+        fields: [(
+            LB_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 
 /// Addresses in a metadata value: a list of strings or one comma-separated string.
 fn addrs_in(v: &Value) -> Vec<Option<SocketAddr>> {
     let parse = |s: &str| -> Vec<Option<SocketAddr>> {
-        s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| x.parse().ok()).collect()
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().ok())
+            .collect()
     };
     match &v.kind {
         Some(Kind::StringValue(s)) => parse(s),
@@ -579,7 +714,13 @@ fn addrs_in(v: &Value) -> Vec<Option<SocketAddr>> {
 
 /// The gateway's subset hint; `Some(empty)` when present but naming no usable endpoint.
 fn subset_hint(msg: &ProcessingRequest) -> Option<Vec<SocketAddr>> {
-    let v = msg.metadata_context.as_ref()?.filter_metadata.get(SUBSET_NAMESPACE)?.fields.get(SUBSET_KEY)?;
+    let v = msg
+        .metadata_context
+        .as_ref()?
+        .filter_metadata
+        .get(SUBSET_NAMESPACE)?
+        .fields
+        .get(SUBSET_KEY)?;
     Some(addrs_in(v).into_iter().flatten().collect())
 }
 
@@ -592,9 +733,15 @@ fn served_endpoint(msg: &ProcessingRequest) -> Option<SocketAddr> {
         .and_then(|s| s.fields.get(SERVED_KEY))
         .and_then(|v| addrs_in(v).into_iter().flatten().next());
     from_md.or_else(|| {
-        msg.attributes.values().find_map(|s| match s.fields.get("upstream.address").and_then(|v| v.kind.as_ref()) {
-            Some(Kind::StringValue(a)) => a.parse().ok(),
-            _ => None,
+        msg.attributes.values().find_map(|s| {
+            match s
+                .fields
+                .get("upstream.address")
+                .and_then(|v| v.kind.as_ref())
+            {
+                Some(Kind::StringValue(a)) => a.parse().ok(),
+                _ => None,
+            }
         })
     })
 }
@@ -611,16 +758,22 @@ fn push_streamed_body(out: &mut Vec<ProcessingResponse>, body: &[u8], eos: bool,
         let br = BodyResponse {
             response: Some(CommonResponse {
                 body_mutation: Some(BodyMutation {
-                    mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
-                        body: c.to_vec(),
-                        end_of_stream: eos && last,
-                        ..Default::default()
-                    })),
+                    mutation: Some(body_mutation::Mutation::StreamedResponse(
+                        StreamedBodyResponse {
+                            body: c.to_vec(),
+                            end_of_stream: eos && last,
+                            ..Default::default()
+                        },
+                    )),
                 }),
                 ..Default::default()
             }),
         };
-        out.push(reply(if request { Response::RequestBody(br) } else { Response::ResponseBody(br) }));
+        out.push(reply(if request {
+            Response::RequestBody(br)
+        } else {
+            Response::ResponseBody(br)
+        }));
     }
 }
 
@@ -631,7 +784,9 @@ fn out_chunk(out: &mut Vec<ProcessingResponse>, body: Vec<u8>, eos: bool, full_d
     } else {
         out.push(reply(Response::ResponseBody(BodyResponse {
             response: Some(CommonResponse {
-                body_mutation: Some(BodyMutation { mutation: Some(body_mutation::Mutation::Body(body)) }),
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body)),
+                }),
                 ..Default::default()
             }),
         })));
@@ -684,10 +839,17 @@ mod tests {
     #[test]
     fn model_is_mapped_back_in_json_and_sse() {
         assert_eq!(
-            map_model_back(br#"{"id":"1","model":"v2","x":{"model" : "v2"},"y":"model"}"#, "v2", "public"),
+            map_model_back(
+                br#"{"id":"1","model":"v2","x":{"model" : "v2"},"y":"model"}"#,
+                "v2",
+                "public"
+            ),
             br#"{"id":"1","model":"public","x":{"model" : "public"},"y":"model"}"#.to_vec()
         );
-        assert_eq!(map_model_back(br#"{"model":"v22"}"#, "v2", "p"), br#"{"model":"v22"}"#.to_vec());
+        assert_eq!(
+            map_model_back(br#"{"model":"v22"}"#, "v2", "p"),
+            br#"{"model":"v22"}"#.to_vec()
+        );
     }
 
     #[test]
@@ -698,12 +860,14 @@ mod tests {
         let sizes: Vec<(usize, bool)> = out
             .iter()
             .map(|r| match &r.response {
-                Some(Response::RequestBody(BodyResponse { response: Some(c) })) => match &c.body_mutation {
-                    Some(BodyMutation { mutation: Some(body_mutation::Mutation::StreamedResponse(s)) }) => {
-                        (s.body.len(), s.end_of_stream)
+                Some(Response::RequestBody(BodyResponse { response: Some(c) })) => {
+                    match &c.body_mutation {
+                        Some(BodyMutation {
+                            mutation: Some(body_mutation::Mutation::StreamedResponse(s)),
+                        }) => (s.body.len(), s.end_of_stream),
+                        _ => panic!("not streamed"),
                     }
-                    _ => panic!("not streamed"),
-                },
+                }
                 _ => panic!("not a request body reply"),
             })
             .collect();

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{ExternalProcessor, ExternalProcessorServer};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -19,7 +21,11 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::protocol::{Context, Exchange};
 
 /// Health service names the GIE defines; `readiness` and the ext_proc name follow readiness.
-pub const HEALTH_SERVICES: [&str; 3] = ["liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"];
+pub const HEALTH_SERVICES: [&str; 3] = [
+    "liveness",
+    "readiness",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+];
 
 /// The ext_proc service.
 #[derive(Debug, Clone)]
@@ -35,7 +41,9 @@ impl Picker {
     /// The tonic service, with message limits sized for the configured body limit.
     pub fn into_server(self) -> ExternalProcessorServer<Picker> {
         let limit = self.ctx.options.max_body_bytes.saturating_add(1 << 20);
-        ExternalProcessorServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit)
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
     }
 }
 
@@ -87,7 +95,10 @@ pub async fn serve_extproc(
 }
 
 /// Serve gRPC health on `addr`; returns the reporter to flip readiness with.
-pub async fn health_service() -> (tonic_health::server::HealthReporter, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
+pub async fn health_service() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
     let (reporter, service) = tonic_health::server::health_reporter();
     (reporter, service)
 }
@@ -103,6 +114,13 @@ pub async fn set_health(reporter: &tonic_health::server::HealthReporter, serving
         reporter.set_service_status(name, status).await;
     }
     reporter
-        .set_service_status("", if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing })
+        .set_service_status(
+            "",
+            if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            },
+        )
         .await;
 }

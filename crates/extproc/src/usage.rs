@@ -43,7 +43,10 @@ pub fn from_json(doc: &[u8]) -> Option<Usage> {
     Some(Usage {
         prompt_tokens: u.prompt_tokens.or(u.input_tokens).unwrap_or(0),
         completion_tokens: u.completion_tokens.or(u.output_tokens).unwrap_or(0),
-        cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+        cached_tokens: u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0),
     })
 }
 
@@ -113,13 +116,27 @@ mod tests {
     #[test]
     fn json_usage_with_cached_tokens() {
         let body = br#"{"id":"x","model":"m","usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":8}}}"#;
-        assert_eq!(from_json(body), Some(Usage { prompt_tokens: 12, completion_tokens: 5, cached_tokens: 8 }));
+        assert_eq!(
+            from_json(body),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5,
+                cached_tokens: 8
+            })
+        );
     }
 
     #[test]
     fn responses_api_names_are_read() {
         let body = br#"{"usage":{"input_tokens":3,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}"#;
-        assert_eq!(from_json(body), Some(Usage { prompt_tokens: 3, completion_tokens: 4, cached_tokens: 1 }));
+        assert_eq!(
+            from_json(body),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cached_tokens: 1
+            })
+        );
     }
 
     #[test]
@@ -136,7 +153,15 @@ mod tests {
             s.feed(&stream[..cut]);
             s.feed(&stream[cut..]);
             s.finish();
-            assert_eq!(s.usage, Some(Usage { prompt_tokens: 7, completion_tokens: 2, cached_tokens: 0 }), "cut {cut}");
+            assert_eq!(
+                s.usage,
+                Some(Usage {
+                    prompt_tokens: 7,
+                    completion_tokens: 2,
+                    cached_tokens: 0
+                }),
+                "cut {cut}"
+            );
         }
     }
 

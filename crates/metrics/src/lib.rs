@@ -81,7 +81,8 @@ pub struct Metrics {
     pub normalized_time_per_output_token_seconds: Hist,
     pub request_ttft_seconds: Hist,
     pub running_requests: Family<RunningLabels, Gauge>,
-    pub pool_average_kv_cache_utilization: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub pool_average_kv_cache_utilization:
+        Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub pool_average_queue_size: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub pool_ready_pods: Family<PoolLabels, Gauge>,
     pub pool_per_pod_queue_size: Family<PodLabels, Gauge>,
@@ -127,50 +128,129 @@ impl Metrics {
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters itself.
-        r.register("inference_objective_request", "Requests by model and priority", m.request_total.clone());
-        r.register("inference_objective_request_error", "Requests that failed, by error code", m.request_error_total.clone());
-        r.register("inference_objective_request_duration_seconds", "End-to-end request latency", m.request_duration_seconds.clone());
-        r.register("inference_objective_request_sizes", "Request body sizes in bytes", m.request_sizes.clone());
-        r.register("inference_objective_response_sizes", "Response body sizes in bytes", m.response_sizes.clone());
-        r.register("inference_objective_input_tokens", "Prompt tokens per request, from usage", m.input_tokens.clone());
-        r.register("inference_objective_output_tokens", "Completion tokens per request, from usage", m.output_tokens.clone());
-        r.register("inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache, from usage", m.prompt_cached_tokens.clone());
+        r.register(
+            "inference_objective_request",
+            "Requests by model and priority",
+            m.request_total.clone(),
+        );
+        r.register(
+            "inference_objective_request_error",
+            "Requests that failed, by error code",
+            m.request_error_total.clone(),
+        );
+        r.register(
+            "inference_objective_request_duration_seconds",
+            "End-to-end request latency",
+            m.request_duration_seconds.clone(),
+        );
+        r.register(
+            "inference_objective_request_sizes",
+            "Request body sizes in bytes",
+            m.request_sizes.clone(),
+        );
+        r.register(
+            "inference_objective_response_sizes",
+            "Response body sizes in bytes",
+            m.response_sizes.clone(),
+        );
+        r.register(
+            "inference_objective_input_tokens",
+            "Prompt tokens per request, from usage",
+            m.input_tokens.clone(),
+        );
+        r.register(
+            "inference_objective_output_tokens",
+            "Completion tokens per request, from usage",
+            m.output_tokens.clone(),
+        );
+        r.register(
+            "inference_objective_prompt_cached_tokens",
+            "Prompt tokens served from the prefix cache, from usage",
+            m.prompt_cached_tokens.clone(),
+        );
         r.register(
             "inference_objective_normalized_time_per_output_token_seconds",
             "Request latency divided by output tokens",
             m.normalized_time_per_output_token_seconds.clone(),
         );
-        r.register("inference_objective_request_ttft_seconds", "Time to first response byte", m.request_ttft_seconds.clone());
-        r.register("inference_objective_running_requests", "Requests in flight through the picker", m.running_requests.clone());
-        r.register("inference_pool_average_kv_cache_utilization", "Mean KV-cache use over ready endpoints", m.pool_average_kv_cache_utilization.clone());
-        r.register("inference_pool_average_queue_size", "Mean waiting requests over ready endpoints", m.pool_average_queue_size.clone());
-        r.register("inference_pool_ready_pods", "Endpoints in the pool", m.pool_ready_pods.clone());
-        r.register("inference_pool_per_pod_queue_size", "Waiting requests per endpoint", m.pool_per_pod_queue_size.clone());
+        r.register(
+            "inference_objective_request_ttft_seconds",
+            "Time to first response byte",
+            m.request_ttft_seconds.clone(),
+        );
+        r.register(
+            "inference_objective_running_requests",
+            "Requests in flight through the picker",
+            m.running_requests.clone(),
+        );
+        r.register(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache use over ready endpoints",
+            m.pool_average_kv_cache_utilization.clone(),
+        );
+        r.register(
+            "inference_pool_average_queue_size",
+            "Mean waiting requests over ready endpoints",
+            m.pool_average_queue_size.clone(),
+        );
+        r.register(
+            "inference_pool_ready_pods",
+            "Endpoints in the pool",
+            m.pool_ready_pods.clone(),
+        );
+        r.register(
+            "inference_pool_per_pod_queue_size",
+            "Waiting requests per endpoint",
+            m.pool_per_pod_queue_size.clone(),
+        );
         r.register(
             "inference_extension_scheduler_e2e_duration_seconds",
             "Time to schedule one request",
             m.scheduler_e2e_duration_seconds.clone(),
         );
-        r.register("inference_extension_prefix_indexer_size", "Entries in the prefix index", m.prefix_indexer_size.clone());
-        r.register("inference_extension_prefix_indexer_hit_ratio", "Share of prompt blocks found in the prefix index", m.prefix_indexer_hit_ratio.clone());
+        r.register(
+            "inference_extension_prefix_indexer_size",
+            "Entries in the prefix index",
+            m.prefix_indexer_size.clone(),
+        );
+        r.register(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Share of prompt blocks found in the prefix index",
+            m.prefix_indexer_hit_ratio.clone(),
+        );
         r.register(
             "inference_extension_info",
             "Build information",
-            Info::new(vec![("commit", env!("CARGO_PKG_VERSION")), ("build_ref", "infergate")]),
+            Info::new(vec![
+                ("commit", env!("CARGO_PKG_VERSION")),
+                ("build_ref", "infergate"),
+            ]),
         );
         Metrics { registry: r, ..m }
     }
 
     /// Refresh the pool gauges from the datastore at `now`, skipping stale endpoints.
-    pub fn refresh_pool(&self, ds: &Datastore, now: Duration, staleness: Duration, prefix: (usize, f64)) {
+    pub fn refresh_pool(
+        &self,
+        ds: &Datastore,
+        now: Duration,
+        staleness: Duration,
+        prefix: (usize, f64),
+    ) {
         let snap = ds.snapshot();
-        let pool = PoolLabels { name: self.pool_name.clone() };
-        self.pool_ready_pods.get_or_create(&pool).set(snap.endpoints.len() as i64);
+        let pool = PoolLabels {
+            name: self.pool_name.clone(),
+        };
+        self.pool_ready_pods
+            .get_or_create(&pool)
+            .set(snap.endpoints.len() as i64);
         let (mut kv_sum, mut kv_n, mut q_sum, mut q_n) = (0.0, 0u32, 0.0, 0u32);
         self.pool_per_pod_queue_size.clear();
         for e in &snap.endpoints {
             let s = e.sample();
-            let fresh = s.updated_at.is_some_and(|t| now.saturating_sub(t) <= staleness);
+            let fresh = s
+                .updated_at
+                .is_some_and(|t| now.saturating_sub(t) <= staleness);
             if !fresh {
                 continue;
             }
@@ -181,12 +261,19 @@ impl Metrics {
             q_sum += f64::from(s.metrics.waiting);
             q_n += 1;
             self.pool_per_pod_queue_size
-                .get_or_create(&PodLabels { name: self.pool_name.clone(), model_server_pod: e.spec.name.clone() })
+                .get_or_create(&PodLabels {
+                    name: self.pool_name.clone(),
+                    model_server_pod: e.spec.name.clone(),
+                })
                 .set(i64::from(s.metrics.waiting));
         }
         self.pool_average_kv_cache_utilization
             .get_or_create(&pool)
-            .set(if kv_n > 0 { kv_sum / f64::from(kv_n) } else { 0.0 });
+            .set(if kv_n > 0 {
+                kv_sum / f64::from(kv_n)
+            } else {
+                0.0
+            });
         self.pool_average_queue_size
             .get_or_create(&pool)
             .set(if q_n > 0 { q_sum / f64::from(q_n) } else { 0.0 });

@@ -1,0 +1,67 @@
+//! The `infergate` command: thin wiring of the workspace's crates behind subcommands.
+
+mod epp;
+mod pool_source;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "infergate",
+    version,
+    about = "Inference gateway for self-hosted LLMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Gateway API Inference Extension endpoint picker (Envoy ext_proc server).
+    Epp(Box<epp::EppArgs>),
+    /// Check configuration files and print what they mean, without serving.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate an EndpointPickerConfig and/or a pool file.
+    Check {
+        #[arg(long)]
+        config_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        pool_file: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INFERGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Epp(args) => epp::run(*args),
+        Command::Config {
+            command:
+                ConfigCommand::Check {
+                    config_file,
+                    pool_file,
+                },
+        } => epp::check(config_file.as_deref(), pool_file.as_deref()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("infergate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

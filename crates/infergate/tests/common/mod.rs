@@ -1,0 +1,225 @@
+//! Shared rig for end-to-end tests: the real `infergate epp` binary, real Envoy 1.40 in front
+//! of it, and fake vLLM-like model servers on 127.0.0.1 whose metrics each test controls.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use infergate_testkit::{free_port, wait_for_port, BodyMode, Envoy, EnvoyConfig, FakeModelServer};
+
+/// A running `infergate epp`, killed (by its PID) when dropped.
+pub struct Epp {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Epp {
+    /// Start the binary with `args` plus fresh ports on 127.0.0.1; waits until it listens.
+    pub async fn start(args: &[String]) -> Epp {
+        let dir = std::env::temp_dir().join(format!(
+            "infergate-e2e-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (grpc, health, metrics) = (free_port(), free_port(), free_port());
+        let log = dir.join("epp.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .arg("epp")
+            .args(["--listen-address", "127.0.0.1"])
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--grpc-health-port", &health.to_string()])
+            .args(["--metrics-port", &metrics.to_string()])
+            .args(args)
+            .env("INFERGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn infergate");
+        let epp = Epp {
+            child,
+            grpc: ([127, 0, 0, 1], grpc).into(),
+            health: ([127, 0, 0, 1], health).into(),
+            metrics: ([127, 0, 0, 1], metrics).into(),
+            log,
+            dir,
+        };
+        if wait_for_port(epp.grpc, Duration::from_secs(20))
+            .await
+            .is_err()
+        {
+            panic!("infergate epp did not start; log:\n{}", epp.log_text());
+        }
+        // Let the first scrapes land (50 ms interval).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        epp
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let (_, _, body) = infergate_testkit::get(&format!("http://{}", self.metrics), "/metrics")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Stop the picker now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Epp {
+    fn drop(&mut self) {
+        self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "infergate epp log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Backends, picker and Envoy for one test.
+pub struct Rig {
+    pub backends: Vec<FakeModelServer>,
+    pub epp: Epp,
+    pub envoy: Envoy,
+}
+
+pub struct RigOptions {
+    pub backends: usize,
+    pub config_yaml: Option<String>,
+    /// Pool file text; `{B0}`, `{B1}`... are replaced by backend addresses.
+    pub pool_yaml: Option<String>,
+    pub request_body_mode: BodyMode,
+    pub failure_mode_allow: bool,
+    /// Let Envoy health-check the picker, so a dead picker is known before a request
+    /// commits its body to the ext_proc stream (needed for FailOpen with full duplex).
+    pub envoy_health_check: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            backends: 3,
+            config_yaml: None,
+            pool_yaml: None,
+            request_body_mode: BodyMode::FullDuplexStreamed,
+            failure_mode_allow: false,
+            envoy_health_check: false,
+            extra_args: vec![],
+        }
+    }
+}
+
+impl Rig {
+    pub async fn start(opts: RigOptions) -> Rig {
+        let mut backends = Vec::new();
+        for i in 0..opts.backends {
+            backends.push(FakeModelServer::start(&format!("b{i}")).await.unwrap());
+        }
+        let tmp = std::env::temp_dir().join(format!(
+            "infergate-rig-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut args = opts.extra_args.clone();
+        if let Some(cfg) = &opts.config_yaml {
+            let p = tmp.join("epp-config.yaml");
+            std::fs::write(&p, cfg).unwrap();
+            args.extend(["--config-file".into(), p.display().to_string()]);
+        }
+        match &opts.pool_yaml {
+            Some(pool) => {
+                let p = tmp.join("pool.yaml");
+                std::fs::write(&p, fill_addrs(pool, &backends)).unwrap();
+                args.extend(["--pool-file".into(), p.display().to_string()]);
+            }
+            None => {
+                let list: Vec<String> = backends.iter().map(|b| b.addr().to_string()).collect();
+                args.extend(["--endpoints".into(), list.join(",")]);
+            }
+        }
+        let epp = Epp::start(&args).await;
+        let envoy = Envoy::start(
+            EnvoyConfig::new()
+                .ext_proc(epp.grpc)
+                .request_body_mode(opts.request_body_mode)
+                .failure_mode_allow(opts.failure_mode_allow)
+                .ext_proc_health_check(
+                    opts.envoy_health_check
+                        .then_some(Duration::from_millis(200)),
+                )
+                .pool(backends.iter().map(|b| b.addr())),
+        )
+        .await
+        .expect("start envoy");
+        Rig {
+            backends,
+            epp,
+            envoy,
+        }
+    }
+
+    /// Which backend answered (`x-served-by`) -> index.
+    pub fn index_of(&self, served_by: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name() == served_by)
+    }
+
+    pub fn counts(&self) -> Vec<usize> {
+        self.backends.iter().map(|b| b.requests().len()).collect()
+    }
+}
+
+/// Replace `{B0}`, `{B1}`... by ip and `{P0}`... by port of each backend.
+pub fn fill_addrs(text: &str, backends: &[FakeModelServer]) -> String {
+    let mut t = text.to_string();
+    for (i, b) in backends.iter().enumerate() {
+        t = t.replace(&format!("{{B{i}}}"), &b.addr().ip().to_string());
+        t = t.replace(&format!("{{P{i}}}"), &b.addr().port().to_string());
+    }
+    t
+}
+
+pub fn completion(model: &str, prompt: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 4}))
+        .unwrap()
+}
+
+/// Poll until `f` holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+/// Sum of a Prometheus counter/histogram sample line(s) starting with `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
