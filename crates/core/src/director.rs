@@ -22,7 +22,7 @@ use crate::prefix::{block_hashes, PrefixConfig, PrefixIndex};
 use crate::request::{approx_tokens, parse_body, splice_model, ApiKind, BodyError};
 use crate::rewrite;
 use crate::saturation::SaturationConfig;
-use crate::scheduler::{EndpointView, Profile, RequestFacts};
+use crate::scheduler::{EndpointView, PluginTimer, Profile, RequestFacts};
 
 /// Everything that shapes scheduling, replaceable at run time.
 #[derive(Debug)]
@@ -173,13 +173,26 @@ pub struct Decision {
     pub inflight: InflightGuard,
 }
 
+/// A clock and a sink for per-plugin timings (see [`Director::with_plugin_timing`]).
+pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
+pub type PluginObserver = Arc<dyn Fn(&'static str, &'static str, Duration) + Send + Sync>;
+
 /// Scheduling state shared by every request of one picker.
-#[derive(Debug)]
 pub struct Director {
     datastore: Datastore,
     config: ArcSwap<SchedulerConfig>,
     prefix: Mutex<PrefixState>,
     decisions: AtomicU64,
+    plugin_timing: Option<(Clock, PluginObserver)>,
+}
+
+impl std::fmt::Debug for Director {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Director")
+            .field("decisions", &self.decisions)
+            .field("plugin_timing", &self.plugin_timing.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -200,7 +213,15 @@ impl Director {
                 swept_generation: u64::MAX,
             }),
             decisions: AtomicU64::new(0),
+            plugin_timing: None,
         }
+    }
+
+    /// Time every plugin call with `clock` and report it to `observe` (extension point,
+    /// plugin type, duration). Costs two clock reads per plugin per request.
+    pub fn with_plugin_timing(mut self, clock: Clock, observe: PluginObserver) -> Self {
+        self.plugin_timing = Some((clock, observe));
+        self
     }
 
     pub fn datastore(&self) -> &Datastore {
@@ -328,7 +349,16 @@ impl Director {
         // others remain after the profile's filters.
         let limit = 1.0 + sat.headroom;
         let avoid = |i: usize| sat.endpoint_score(&views[i], now) >= limit;
-        let picked = cfg.profile.run(&facts, &views, all, &avoid, rng);
+        let timer = self
+            .plugin_timing
+            .as_ref()
+            .map(|(clock, observe)| PluginTimer {
+                clock: clock.as_ref(),
+                observe: observe.as_ref(),
+            });
+        let picked = cfg
+            .profile
+            .run(&facts, &views, all, &avoid, rng, timer.as_ref());
         let Some(&primary) = picked.first() else {
             return Err(PickError::new(
                 ErrorKind::NoEndpoints,

@@ -496,9 +496,35 @@ pub struct Profile {
     pub picker: Box<dyn Picker>,
 }
 
-/// Time spent in one plugin, for `inference_extension_plugin_duration_seconds`. The caller
+/// Times each plugin call, for `inference_extension_plugin_duration_seconds`. The caller
 /// supplies the clock so `core` reads none itself.
-pub type PluginTimer<'a> = &'a mut dyn FnMut(&'static str, &'static str, Duration);
+pub struct PluginTimer<'a> {
+    pub clock: &'a (dyn Fn() -> Duration + Send + Sync),
+    /// Called with the extension point (`Filter`, `Scorer`, `Picker`), plugin type and time.
+    pub observe: &'a (dyn Fn(&'static str, &'static str, Duration) + Send + Sync),
+}
+
+impl PluginTimer<'_> {
+    fn time<R>(&self, point: &'static str, plugin: &'static str, f: impl FnOnce() -> R) -> R {
+        let t0 = (self.clock)();
+        let r = f();
+        (self.observe)(point, plugin, (self.clock)().saturating_sub(t0));
+        r
+    }
+}
+
+/// Run `f`, timed when a timer is given.
+fn timed<R>(
+    timer: Option<&PluginTimer<'_>>,
+    point: &'static str,
+    plugin: &'static str,
+    f: impl FnOnce() -> R,
+) -> R {
+    match timer {
+        Some(t) => t.time(point, plugin, f),
+        None => f(),
+    }
+}
 
 impl Profile {
     /// The reference's default: queue 2, KV cache 2, prefix 3, max-score picker.
@@ -537,9 +563,12 @@ impl Profile {
         mut cands: Vec<usize>,
         avoid: &dyn Fn(usize) -> bool,
         rng: &mut dyn RngCore,
+        timer: Option<&PluginTimer<'_>>,
     ) -> Vec<usize> {
         for f in &self.filters {
-            f.filter(req, views, &mut cands);
+            timed(timer, "Filter", f.type_name(), || {
+                f.filter(req, views, &mut cands)
+            });
             if cands.is_empty() {
                 return cands;
             }
@@ -548,12 +577,16 @@ impl Profile {
         let mut total = vec![0.0; cands.len()];
         let mut buf = vec![0.0; cands.len()];
         for (s, w) in &self.scorers {
-            s.score(req, views, &cands, &mut buf);
+            timed(timer, "Scorer", s.type_name(), || {
+                s.score(req, views, &cands, &mut buf)
+            });
             for (t, b) in total.iter_mut().zip(&buf) {
                 *t += b.clamp(0.0, 1.0) * w;
             }
         }
-        self.picker.pick(&cands, &total, rng)
+        timed(timer, "Picker", self.picker.type_name(), || {
+            self.picker.pick(&cands, &total, rng)
+        })
     }
 }
 

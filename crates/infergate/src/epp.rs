@@ -104,7 +104,7 @@ pub fn check(config: Option<&Path>, pool: Option<&Path>) -> anyhow::Result<()> {
             .profile
             .scorers
             .iter()
-            .map(|(s, w)| format!("{}x{w}", s.type_name()))
+            .map(|(s, w)| format!("{} (weight {w})", s.type_name()))
             .collect();
         let filters: Vec<&str> = s.profile.filters.iter().map(|f| f.type_name()).collect();
         println!(
@@ -176,8 +176,17 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
     }
     ds.mark_synced();
 
-    let director = Arc::new(Director::new(ds.clone(), sched));
     let metrics = Arc::new(Metrics::new(&pool_name));
+    let observer = {
+        let metrics = metrics.clone();
+        Arc::new(
+            move |point: &'static str, plugin: &'static str, took: Duration| {
+                metrics.observe_plugin(point, plugin, took)
+            },
+        )
+    };
+    let director =
+        Arc::new(Director::new(ds.clone(), sched).with_plugin_timing(clock.clone(), observer));
     let ctx = Arc::new(Context::new(
         director.clone(),
         metrics.clone(),

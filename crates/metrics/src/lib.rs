@@ -41,6 +41,13 @@ pub struct RunningLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub extension_point: &'static str,
+    pub plugin_type: &'static str,
+    pub plugin_name: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub name: String,
 }
@@ -87,6 +94,7 @@ pub struct Metrics {
     pub pool_ready_pods: Family<PoolLabels, Gauge>,
     pub pool_per_pod_queue_size: Family<PodLabels, Gauge>,
     pub scheduler_e2e_duration_seconds: Histogram,
+    pub plugin_duration_seconds: Family<PluginLabels, Histogram, Buckets>,
     pub prefix_indexer_size: Gauge,
     pub prefix_indexer_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub pool_name: String,
@@ -122,6 +130,9 @@ impl Metrics {
             pool_ready_pods: Family::default(),
             pool_per_pod_queue_size: Family::default(),
             scheduler_e2e_duration_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 20)),
+            plugin_duration_seconds: Family::new_with_constructor(Buckets(
+                exponential_buckets(1e-7, 2.0, 20).collect(),
+            )),
             prefix_indexer_size: Gauge::default(),
             prefix_indexer_hit_ratio: Gauge::default(),
             pool_name: pool_name.to_string(),
@@ -279,6 +290,22 @@ impl Metrics {
             .set(if q_n > 0 { q_sum / f64::from(q_n) } else { 0.0 });
         self.prefix_indexer_size.set(prefix.0 as i64);
         self.prefix_indexer_hit_ratio.set(prefix.1);
+    }
+
+    /// Record one plugin call (the director's plugin observer).
+    pub fn observe_plugin(
+        &self,
+        extension_point: &'static str,
+        plugin_type: &'static str,
+        took: Duration,
+    ) {
+        self.plugin_duration_seconds
+            .get_or_create(&PluginLabels {
+                extension_point,
+                plugin_type,
+                plugin_name: plugin_type,
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The registry in Prometheus text format.

@@ -98,6 +98,8 @@ impl Drop for Epp {
 /// Backends, picker and Envoy for one test.
 pub struct Rig {
     pub backends: Vec<FakeModelServer>,
+    /// The pool file the picker watches, when the rig was started with one.
+    pub pool_path: Option<PathBuf>,
     pub epp: Epp,
     pub envoy: Envoy,
 }
@@ -142,6 +144,7 @@ impl Rig {
         ));
         std::fs::create_dir_all(&tmp).unwrap();
         let mut args = opts.extra_args.clone();
+        let mut pool_path = None;
         if let Some(cfg) = &opts.config_yaml {
             let p = tmp.join("epp-config.yaml");
             std::fs::write(&p, cfg).unwrap();
@@ -152,6 +155,8 @@ impl Rig {
                 let p = tmp.join("pool.yaml");
                 std::fs::write(&p, fill_addrs(pool, &backends)).unwrap();
                 args.extend(["--pool-file".into(), p.display().to_string()]);
+                args.extend(["--pool-file-poll-interval".into(), "100ms".into()]);
+                pool_path = Some(p);
             }
             None => {
                 let list: Vec<String> = backends.iter().map(|b| b.addr().to_string()).collect();
@@ -174,6 +179,7 @@ impl Rig {
         .expect("start envoy");
         Rig {
             backends,
+            pool_path,
             epp,
             envoy,
         }
@@ -182,6 +188,15 @@ impl Rig {
     /// Which backend answered (`x-served-by`) -> index.
     pub fn index_of(&self, served_by: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.name() == served_by)
+    }
+
+    /// Rewrite the watched pool file (`{B0}`/`{P0}` placeholders filled in).
+    pub fn write_pool(&self, text: &str) {
+        let path = self
+            .pool_path
+            .as_ref()
+            .expect("rig started without a pool file");
+        std::fs::write(path, fill_addrs(text, &self.backends)).unwrap();
     }
 
     pub fn counts(&self) -> Vec<usize> {
