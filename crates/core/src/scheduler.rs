@@ -828,6 +828,7 @@ mod tests {
             vec![0, 1, 2],
             &|_| false,
             &mut rng,
+            None,
         );
         assert_eq!(picked, vec![1]);
     }
