@@ -338,6 +338,7 @@ impl PluginKind {
                     p.max_prefix_blocks_to_match,
                 );
                 at_least_one(errors, "lruCapacityPerServer", p.lru_capacity_per_server);
+                at_least_one(errors, "maxIndexEntries", p.max_index_entries);
             }
             PluginKind::MaxScorePicker(p)
             | PluginKind::RandomPicker(p)
@@ -394,8 +395,12 @@ pub struct PrefixCacheParams {
     pub max_prefix_blocks_to_match: u32,
     /// Capacity of each endpoint's block LRU.
     pub lru_capacity_per_server: u32,
-    /// Take the block size and capacity from the model server's cache config when known.
+    /// Take each endpoint's capacity from its model server's cache config
+    /// (`num_gpu_blocks`) when known.
     pub auto_tune: bool,
+    /// infergate's own bound on entries over all endpoints (about 60 bytes each), so the
+    /// index's memory is bounded however many endpoints the pool has.
+    pub max_index_entries: u32,
 }
 
 impl Default for PrefixCacheParams {
@@ -406,6 +411,7 @@ impl Default for PrefixCacheParams {
             max_prefix_blocks_to_match: 256,
             lru_capacity_per_server: 31_250,
             auto_tune: true,
+            max_index_entries: 4_000_000,
         }
     }
 }

@@ -68,7 +68,8 @@ pub fn scheduler_config(
                     block_size_tokens,
                     max_blocks: p.max_prefix_blocks_to_match.max(1) as usize,
                     lru_capacity_per_endpoint: p.lru_capacity_per_server.max(1) as usize,
-                    ..prefix
+                    max_total_entries: p.max_index_entries.max(1) as usize,
+                    auto_tune: p.auto_tune,
                 };
                 scorers.push((Box::new(PrefixCacheScorer), pr.weight()));
             }

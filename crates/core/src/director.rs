@@ -173,6 +173,14 @@ pub struct Decision {
     pub inflight: InflightGuard,
 }
 
+/// What the prefix index holds, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixStats {
+    pub entries: usize,
+    pub max_entries: usize,
+    pub hit_ratio: f64,
+}
+
 /// A clock and a sink for per-plugin timings (see [`Director::with_plugin_timing`]).
 pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
 pub type PluginObserver = Arc<dyn Fn(&'static str, &'static str, Duration) + Send + Sync>;
@@ -241,10 +249,14 @@ impl Director {
         self.config.store(Arc::new(config));
     }
 
-    /// Entries in the prefix index and its lifetime hit ratio (for metrics).
-    pub fn prefix_stats(&self) -> (usize, f64) {
+    /// Size, bound and lifetime hit ratio of the prefix index (for metrics).
+    pub fn prefix_stats(&self) -> PrefixStats {
         let p = self.prefix.lock();
-        (p.index.len(), p.index.hit_ratio())
+        PrefixStats {
+            entries: p.index.len(),
+            max_entries: p.index.config().max_total_entries,
+            hit_ratio: p.index.hit_ratio(),
+        }
     }
 
     /// Number of successful decisions so far.
@@ -367,7 +379,11 @@ impl Director {
         };
         let endpoint = views[primary].endpoint.clone();
         if !hashes.is_empty() {
-            self.prefix.lock().index.insert(endpoint.id, &hashes);
+            let blocks = endpoint.sample().metrics.num_gpu_blocks.map(|b| b as usize);
+            self.prefix
+                .lock()
+                .index
+                .insert(endpoint.id, &hashes, blocks);
         }
         self.decisions.fetch_add(1, Ordering::Relaxed);
         let (stream, include_usage) = parsed

@@ -22,6 +22,8 @@ pub struct PrefixConfig {
     pub lru_capacity_per_endpoint: usize,
     /// Bound on entries over all endpoints (each entry costs a few dozen bytes).
     pub max_total_entries: usize,
+    /// Use an endpoint's reported `num_gpu_blocks` as its capacity when known.
+    pub auto_tune: bool,
 }
 
 impl Default for PrefixConfig {
@@ -31,6 +33,7 @@ impl Default for PrefixConfig {
             max_blocks: 256,
             lru_capacity_per_endpoint: 31_250,
             max_total_entries: 4_000_000,
+            auto_tune: true,
         }
     }
 }
@@ -167,8 +170,9 @@ impl PrefixIndex {
         matched
     }
 
-    /// Record that `endpoint` was sent a prompt with these block hashes.
-    pub fn insert(&mut self, endpoint: EndpointKey, hashes: &[u64]) {
+    /// Record that `endpoint` was sent a prompt with these block hashes. `capacity` is the
+    /// endpoint's own cache size in blocks when known (auto-tune), else the configured one.
+    pub fn insert(&mut self, endpoint: EndpointKey, hashes: &[u64], capacity: Option<usize>) {
         for &h in hashes {
             self.tick += 1;
             let tick = self.tick;
@@ -187,7 +191,11 @@ impl PrefixIndex {
         // Each endpoint may hold its own capacity, or its fair share of the global bound,
         // whichever is smaller; evicting from the endpoint just written keeps this O(1).
         let share = self.cfg.max_total_entries / self.per_endpoint.len().max(1);
-        let cap = self.cfg.lru_capacity_per_endpoint.min(share.max(1));
+        let own = match capacity {
+            Some(c) if self.cfg.auto_tune => c.max(1),
+            _ => self.cfg.lru_capacity_per_endpoint,
+        };
+        let cap = own.min(share.max(1));
         if let Some(lru) = self.per_endpoint.get_mut(&endpoint) {
             while lru.live.len() > cap {
                 Self::evict_one(&mut self.by_hash, lru, endpoint, &mut self.entries);
@@ -255,7 +263,21 @@ mod tests {
             max_blocks: 256,
             lru_capacity_per_endpoint: 100,
             max_total_entries: 1000,
+            auto_tune: true,
         }
+    }
+
+    #[test]
+    fn auto_tune_uses_the_endpoints_own_cache_size() {
+        let mut idx = PrefixIndex::new(cfg());
+        idx.insert(1, &[1, 2, 3, 4, 5], Some(3));
+        assert_eq!(idx.len(), 3);
+        let mut fixed = PrefixIndex::new(PrefixConfig {
+            auto_tune: false,
+            ..cfg()
+        });
+        fixed.insert(1, &[1, 2, 3, 4, 5], Some(3));
+        assert_eq!(fixed.len(), 5);
     }
 
     #[test]
@@ -290,10 +312,10 @@ mod tests {
         let c = cfg();
         let mut idx = PrefixIndex::new(c);
         let long = block_hashes(&c, "m", &[b"0123456789abcdef"]);
-        idx.insert(1, &long[..2]);
-        idx.insert(2, &long);
+        idx.insert(1, &long[..2], None);
+        idx.insert(2, &long, None);
         // Endpoint 3 holds block 2 only (from some other path); it must not count.
-        idx.insert(3, &long[2..3]);
+        idx.insert(3, &long[2..3], None);
         let m = idx.longest_matches(&long);
         assert_eq!(m.get(&1), Some(&2));
         assert_eq!(m.get(&2), Some(&4));
@@ -307,9 +329,9 @@ mod tests {
             ..cfg()
         };
         let mut idx = PrefixIndex::new(c);
-        idx.insert(1, &[1, 2, 3, 4]);
-        idx.insert(1, &[1]); // refresh 1
-        idx.insert(1, &[5]); // evicts 2
+        idx.insert(1, &[1, 2, 3, 4], None);
+        idx.insert(1, &[1], None); // refresh 1
+        idx.insert(1, &[5], None); // evicts 2
         assert_eq!(idx.len(), 4);
         assert!(idx.longest_matches(&[2]).is_empty());
         assert_eq!(idx.longest_matches(&[1]).get(&1), Some(&1));
@@ -326,6 +348,7 @@ mod tests {
             idx.insert(
                 ep,
                 &(0..8u64).map(|h| h + 100 * ep as u64).collect::<Vec<_>>(),
+                None,
             );
             assert!(idx.len() <= 10);
         }
@@ -334,8 +357,8 @@ mod tests {
     #[test]
     fn removing_an_endpoint_forgets_it() {
         let mut idx = PrefixIndex::new(cfg());
-        idx.insert(1, &[7, 8]);
-        idx.insert(2, &[7]);
+        idx.insert(1, &[7, 8], None);
+        idx.insert(2, &[7], None);
         idx.remove_endpoint(1);
         assert_eq!(idx.len(), 1);
         let m = idx.longest_matches(&[7, 8]);

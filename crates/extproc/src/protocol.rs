@@ -83,6 +83,9 @@ pub struct Options {
     pub max_body_bytes: usize,
     /// Report the served endpoint in `x-conformance-test-served-endpoint`.
     pub conformance_headers: bool,
+    /// An exchange that hears nothing from Envoy for this long is dropped, releasing its
+    /// in-flight count (a safety net; Envoy normally closes the stream itself).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Options {
@@ -90,6 +93,7 @@ impl Default for Options {
         Options {
             max_body_bytes: 64 << 20,
             conformance_headers: false,
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -61,12 +61,21 @@ impl ExternalProcessor for Picker {
         let (tx, rx) = mpsc::channel(64);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            let idle = ctx.options.idle_timeout;
             let mut exchange = Exchange::new(ctx);
-            while let Some(msg) = inbound.next().await {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
+            loop {
+                let msg = match tokio::time::timeout(idle, inbound.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
                         tracing::debug!(error = %e, "ext_proc stream ended with an error");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            ?idle,
+                            "ext_proc stream idle too long; dropping it and its in-flight count"
+                        );
                         break;
                     }
                 };

@@ -70,6 +70,9 @@ pub struct EppArgs {
     /// Request bodies above this many bytes are refused with 413.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
+    /// Drop an ext_proc stream (and its in-flight count) after this long without a message.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    pub exchange_idle_timeout: Duration,
     /// Seed for tie-breaking and weighted choices (reproducible runs).
     #[arg(long, default_value_t = 0x1f_e9a7e)]
     pub seed: u64,
@@ -194,6 +197,7 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
         Options {
             max_body_bytes: args.max_body_bytes,
             conformance_headers: conformance,
+            idle_timeout: args.exchange_idle_timeout,
         },
         args.seed,
     ));

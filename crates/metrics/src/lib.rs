@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use infergate_core::director::PrefixStats;
 use infergate_core::Datastore;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -96,6 +97,7 @@ pub struct Metrics {
     pub scheduler_e2e_duration_seconds: Histogram,
     pub plugin_duration_seconds: Family<PluginLabels, Histogram, Buckets>,
     pub prefix_indexer_size: Gauge,
+    pub prefix_indexer_max_entries: Gauge,
     pub prefix_indexer_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub pool_name: String,
 }
@@ -134,6 +136,7 @@ impl Metrics {
                 exponential_buckets(1e-7, 2.0, 20).collect(),
             )),
             prefix_indexer_size: Gauge::default(),
+            prefix_indexer_max_entries: Gauge::default(),
             prefix_indexer_hit_ratio: Gauge::default(),
             pool_name: pool_name.to_string(),
             registry: Registry::default(),
@@ -225,6 +228,11 @@ impl Metrics {
             m.prefix_indexer_size.clone(),
         );
         r.register(
+            "inference_extension_prefix_indexer_max_entries",
+            "Configured bound on prefix index entries (maxIndexEntries)",
+            m.prefix_indexer_max_entries.clone(),
+        );
+        r.register(
             "inference_extension_prefix_indexer_hit_ratio",
             "Share of prompt blocks found in the prefix index",
             m.prefix_indexer_hit_ratio.clone(),
@@ -246,7 +254,7 @@ impl Metrics {
         ds: &Datastore,
         now: Duration,
         staleness: Duration,
-        prefix: (usize, f64),
+        prefix: PrefixStats,
     ) {
         let snap = ds.snapshot();
         let pool = PoolLabels {
@@ -288,8 +296,10 @@ impl Metrics {
         self.pool_average_queue_size
             .get_or_create(&pool)
             .set(if q_n > 0 { q_sum / f64::from(q_n) } else { 0.0 });
-        self.prefix_indexer_size.set(prefix.0 as i64);
-        self.prefix_indexer_hit_ratio.set(prefix.1);
+        self.prefix_indexer_size.set(prefix.entries as i64);
+        self.prefix_indexer_max_entries
+            .set(prefix.max_entries as i64);
+        self.prefix_indexer_hit_ratio.set(prefix.hit_ratio);
     }
 
     /// Record one plugin call (the director's plugin observer).

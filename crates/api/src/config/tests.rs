@@ -75,6 +75,7 @@ fn no_file_gives_the_reference_default_profile() {
             max_prefix_blocks_to_match: 256,
             lru_capacity_per_server: 31_250,
             auto_tune: true,
+            max_index_entries: 4_000_000,
         })
     );
     assert!(config.plugin("single-profile-handler").is_some());
