@@ -237,14 +237,31 @@ impl Exchange {
             return self.decide_and_route(false);
         }
         match self.request_mode {
+            // The body follows without waiting; answer when it ends.
+            BodyMode::FullDuplex => vec![],
             // Envoy waits for this reply before sending the body: let the headers through
             // now and route from the body reply.
-            BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed => {
+            BodyMode::Buffered | BodyMode::BufferedPartial => {
                 vec![reply(Response::RequestHeaders(HeadersResponse {
                     response: Some(CommonResponse::default()),
                 }))]
             }
-            _ => vec![],
+            // The body is never sent to us: route on the headers alone.
+            BodyMode::None => self.decide_and_route(false),
+            // Headers go upstream before any body chunk could inform the pick.
+            BodyMode::Streamed => {
+                self.req.decided = true;
+                vec![self.refuse(
+                    PickError {
+                        kind: ErrorKind::Internal,
+                        message: "the gateway's ext_proc filter uses request_body_mode STREAMED, \
+                                  which routes before the body is seen; configure \
+                                  FULL_DUPLEX_STREAMED (recommended) or BUFFERED"
+                            .to_string(),
+                    },
+                    500,
+                )]
+            }
         }
     }
 
@@ -270,7 +287,13 @@ impl Exchange {
         } else {
             self.req.body.extend_from_slice(&b.body);
         }
-        if b.end_of_stream {
+        // In the buffered modes one message is all the body Envoy will send before it waits
+        // for our reply (trailers may still follow).
+        let buffered = matches!(
+            self.request_mode,
+            BodyMode::Buffered | BodyMode::BufferedPartial
+        );
+        if b.end_of_stream || buffered {
             return self.decide_and_route(true);
         }
         vec![]
@@ -364,7 +387,7 @@ impl Exchange {
         let mut out = Vec::new();
         let buffered = matches!(
             self.request_mode,
-            BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed
+            BodyMode::Buffered | BodyMode::BufferedPartial
         );
         if has_body && buffered {
             let body_mutation = decision.rewritten_body.as_ref().map(|b| BodyMutation {
@@ -501,70 +524,102 @@ impl Exchange {
 
     fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
         let now = (self.ctx.clock)();
-        if self.resp.first_byte_at.is_none() && !b.body.is_empty() {
+        let HttpBody {
+            body,
+            end_of_stream: eos,
+            ..
+        } = b;
+        if self.resp.first_byte_at.is_none() && !body.is_empty() {
             self.resp.first_byte_at = Some(now);
         }
-        self.resp.bytes += b.body.len() as u64;
+        self.resp.bytes += body.len() as u64;
+        if self.resp.sse {
+            self.resp.sse_usage.feed(&body);
+        }
         let rename = self
             .decision
             .as_ref()
             .filter(|d| d.target_model != d.model)
             .map(|d| (d.target_model.clone(), d.model.clone()));
-        let full_duplex = self.response_mode == BodyMode::FullDuplex;
-        let mut out = Vec::new();
-        if self.resp.sse {
-            self.resp.sse_usage.feed(&b.body);
-            match &rename {
-                None => out_chunk(&mut out, b.body, b.end_of_stream, full_duplex),
-                Some((from, to)) => {
-                    // Rewrite whole lines only, so a name split across chunks is still found.
-                    self.resp.held.extend_from_slice(&b.body);
-                    let cut = if b.end_of_stream {
-                        self.resp.held.len()
-                    } else {
-                        self.resp
-                            .held
-                            .iter()
-                            .rposition(|&c| c == b'\n')
-                            .map_or(0, |p| p + 1)
-                    };
-                    let ready: Vec<u8> = self.resp.held.drain(..cut).collect();
-                    let mapped = map_model_back(&ready, from, to);
-                    out_chunk(&mut out, mapped, b.end_of_stream, full_duplex);
+        // What goes to the client for this message; `None` holds it back for now.
+        let emit = match &rename {
+            None => {
+                if !self.resp.sse {
+                    self.keep_for_usage(&body, false);
                 }
+                Some(body)
+            }
+            // Rewrite whole SSE lines only, so a name split across chunks is still found.
+            Some((from, to)) if self.resp.sse => {
+                self.resp.held.extend_from_slice(&body);
+                let cut = if eos {
+                    self.resp.held.len()
+                } else {
+                    self.resp
+                        .held
+                        .iter()
+                        .rposition(|&c| c == b'\n')
+                        .map_or(0, |p| p + 1)
+                };
+                let ready: Vec<u8> = self.resp.held.drain(..cut).collect();
+                Some(map_model_back(&ready, from, to))
+            }
+            // JSON: hold the whole document, then map the name back in one go; past the cap,
+            // flush what is held and map chunk by chunk (best effort).
+            Some((from, to)) => {
+                self.keep_for_usage(&body, true);
+                if self.resp.buffer_overflow {
+                    // `held` has whatever was kept before this chunk (once), then nothing.
+                    let mut pending = std::mem::take(&mut self.resp.held);
+                    pending.extend_from_slice(&body);
+                    Some(map_model_back(&pending, from, to))
+                } else if eos {
+                    Some(map_model_back(&self.resp.buffered, from, to))
+                } else {
+                    None
+                }
+            }
+        };
+        let mut out = Vec::new();
+        if self.response_mode == BodyMode::FullDuplex {
+            if let Some(bytes) = emit {
+                push_streamed_body(&mut out, &bytes, eos, false);
             }
         } else {
-            let keep = !self.resp.buffer_overflow
-                && self.resp.buffered.len() + b.body.len() <= MAX_BUFFERED_RESPONSE;
-            match &rename {
-                Some((from, to)) if keep => {
-                    // Hold the whole JSON until its end, then map the name back in one go.
-                    self.resp.buffered.extend_from_slice(&b.body);
-                    if b.end_of_stream || !full_duplex {
-                        let mapped = map_model_back(&self.resp.buffered, from, to);
-                        out_chunk(&mut out, mapped, b.end_of_stream, full_duplex);
-                    } else if full_duplex {
-                        // nothing to send yet
-                    }
-                }
-                _ => {
-                    if keep {
-                        self.resp.buffered.extend_from_slice(&b.body);
-                    } else {
-                        self.resp.buffer_overflow = true;
-                        self.resp.buffered = Vec::new();
-                    }
-                    out_chunk(&mut out, b.body, b.end_of_stream, full_duplex);
-                }
-            }
+            // One reply per message: unchanged when nothing is renamed, otherwise this
+            // message's bytes are replaced by what is ready (possibly nothing yet).
+            let mutation = rename.is_some().then(|| BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(emit.unwrap_or_default())),
+            });
+            out.push(reply(Response::ResponseBody(BodyResponse {
+                response: Some(CommonResponse {
+                    body_mutation: mutation,
+                    ..Default::default()
+                }),
+            })));
         }
-        if !full_duplex && out.is_empty() {
-            out.push(reply(Response::ResponseBody(BodyResponse::default())));
-        }
-        if b.end_of_stream {
+        if eos {
             self.finish();
         }
         out
+    }
+
+    /// Keep a non-streaming body for usage parsing (and rewriting) up to a cap. When the cap
+    /// is passed, usage is given up; a rewriting exchange (`unsent`) gets what was kept back
+    /// in `held` so it can still be sent.
+    fn keep_for_usage(&mut self, chunk: &[u8], unsent: bool) {
+        if self.resp.buffer_overflow {
+            return;
+        }
+        if self.resp.buffered.len() + chunk.len() <= MAX_BUFFERED_RESPONSE {
+            self.resp.buffered.extend_from_slice(chunk);
+        } else {
+            self.resp.buffer_overflow = true;
+            let kept = std::mem::take(&mut self.resp.buffered);
+            if unsent {
+                self.resp.held = kept;
+            }
+        }
     }
 
     /// The response has ended: record usage and timings, release the in-flight count.
@@ -778,22 +833,6 @@ fn push_streamed_body(out: &mut Vec<ProcessingResponse>, body: &[u8], eos: bool,
         } else {
             Response::ResponseBody(br)
         }));
-    }
-}
-
-/// Emit a response chunk in the form the response body mode needs.
-fn out_chunk(out: &mut Vec<ProcessingResponse>, body: Vec<u8>, eos: bool, full_duplex: bool) {
-    if full_duplex {
-        push_streamed_body(out, &body, eos, false);
-    } else {
-        out.push(reply(Response::ResponseBody(BodyResponse {
-            response: Some(CommonResponse {
-                body_mutation: Some(BodyMutation {
-                    mutation: Some(body_mutation::Mutation::Body(body)),
-                }),
-                ..Default::default()
-            }),
-        })));
     }
 }
 
