@@ -139,6 +139,7 @@ pub fn scheduler_config(
         saturation,
         staleness,
         inflight_accounting: true,
+        strict_models: false,
     })
 }
 

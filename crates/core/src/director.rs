@@ -34,6 +34,8 @@ pub struct SchedulerConfig {
     pub staleness: Duration,
     /// Count what this picker sent since the last scrape (on by default; off to compare).
     pub inflight_accounting: bool,
+    /// Refuse (404) models that no rewrite rule or legacy InferenceModel names.
+    pub strict_models: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +46,7 @@ impl Default for SchedulerConfig {
             saturation: SaturationConfig::default(),
             staleness: Duration::from_secs(2),
             inflight_accounting: true,
+            strict_models: false,
         }
     }
 }
@@ -277,6 +280,9 @@ impl Director {
         let parsed = input.body.map(|b| parse_body(api, b)).transpose()?;
 
         let model = parsed.as_ref().map(|p| p.model.clone()).unwrap_or_default();
+        if cfg.strict_models && parsed.is_some() && !knows_model(&snap, &model) {
+            return Err(unknown_model(&snap, &model));
+        }
         let priority = resolve_priority(&snap, input.objective, &model)?;
         let target_model = match rewrite::choose(&snap.rewrites, &model, rng) {
             Some(t) if parsed.is_some() => t.to_string(),
@@ -418,6 +424,35 @@ impl Director {
             }
         }
     }
+}
+
+/// Whether a rewrite rule matches `model` exactly or a legacy InferenceModel names it.
+fn knows_model(snap: &Snapshot, model: &str) -> bool {
+    snap.model_priorities.contains_key(model)
+        || snap
+            .rewrites
+            .iter()
+            .flat_map(|r| &r.rules)
+            .any(|r| r.matches.iter().any(|m| m == model))
+}
+
+fn unknown_model(snap: &Snapshot, model: &str) -> PickError {
+    let mut known: Vec<&str> = snap
+        .rewrites
+        .iter()
+        .flat_map(|r| &r.rules)
+        .flat_map(|r| r.matches.iter().map(String::as_str))
+        .chain(snap.model_priorities.keys().map(String::as_str))
+        .collect();
+    known.sort_unstable();
+    known.dedup();
+    PickError::new(
+        ErrorKind::NotFound,
+        format!(
+            "model {model:?} is not served by this pool (known: {}); the picker runs with --strict-models",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ),
+    )
 }
 
 /// Priority from the named objective, else from a legacy InferenceModel for the model, else 0.

@@ -323,3 +323,44 @@ fn malformed_body_is_400_with_the_reason() {
     assert_eq!(err.kind.status(), 400);
     assert!(err.message.contains("not valid JSON"), "{}", err.message);
 }
+
+#[test]
+fn strict_models_refuses_unknown_names_with_404() {
+    let ds = mk_pool(&[(1, 0, 0.0)]);
+    ds.set_policy(Policy {
+        rewrites: vec![Rewrite {
+            source: "default/r".into(),
+            rules: vec![RewriteRule {
+                matches: vec!["llama".into()],
+                targets: vec![RewriteTarget {
+                    model: "llama-v1".into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+        ..Default::default()
+    });
+    let d = Director::new(
+        ds,
+        SchedulerConfig {
+            strict_models: true,
+            ..Default::default()
+        },
+    );
+    let mut rng = SmallRng::seed_from_u64(1);
+    let err = d
+        .decide(&input(&completion("lama", "x")), NOW, &mut rng)
+        .unwrap_err();
+    assert_eq!(err.kind.status(), 404);
+    assert!(
+        err.message.contains("\"lama\"") && err.message.contains("known: llama"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        d.decide(&input(&completion("llama", "x")), NOW, &mut rng)
+            .unwrap()
+            .target_model,
+        "llama-v1"
+    );
+}

@@ -70,6 +70,9 @@ pub struct EppArgs {
     /// Request bodies above this many bytes are refused with 413.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
+    /// Refuse (404) requests for models no InferenceModelRewrite or InferenceModel names.
+    #[arg(long)]
+    pub strict_models: bool,
     /// Drop an ext_proc stream (and its in-flight count) after this long without a message.
     #[arg(long, default_value = "10m", value_parser = duration)]
     pub exchange_idle_timeout: Duration,
@@ -144,10 +147,11 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
     let epoch = Instant::now();
     let clock: Arc<dyn Fn() -> Duration + Send + Sync> = Arc::new(move || epoch.elapsed());
 
-    let (cfg, sched) = scheduler_config(
+    let (cfg, mut sched) = scheduler_config(
         args.config_file.as_deref(),
         args.metrics_staleness_threshold,
     )?;
+    sched.strict_models = args.strict_models;
     let conformance = cfg
         .plugins
         .iter()
