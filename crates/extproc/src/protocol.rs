@@ -582,7 +582,8 @@ impl Exchange {
         };
         let mut out = Vec::new();
         if self.response_mode == BodyMode::FullDuplex {
-            if let Some(bytes) = emit {
+            // Nothing ready yet (an SSE line still incomplete) needs no message.
+            if let Some(bytes) = emit.filter(|b| !b.is_empty() || eos) {
                 push_streamed_body(&mut out, &bytes, eos, false);
             }
         } else {
