@@ -287,6 +287,21 @@ impl Exchange {
         } else {
             self.req.body.extend_from_slice(&b.body);
         }
+        if self.request_mode == BodyMode::BufferedPartial && !b.end_of_stream {
+            // Envoy's buffer limit cut the body short: say so rather than "invalid JSON".
+            self.req.decided = true;
+            return vec![self.refuse(
+                PickError {
+                    kind: ErrorKind::BadRequest,
+                    message: format!(
+                        "the gateway sent only the first {} bytes of the body (BUFFERED_PARTIAL \
+                         hit its buffer limit); use FULL_DUPLEX_STREAMED or raise the limit",
+                        self.req.body.len()
+                    ),
+                },
+                413,
+            )];
+        }
         // In the buffered modes one message is all the body Envoy will send before it waits
         // for our reply (trailers may still follow).
         let buffered = matches!(

@@ -1157,3 +1157,18 @@ fn find(hay: &[u8], needle: &[u8]) -> usize {
         .position(|w| w == needle)
         .expect("needle in test data")
 }
+
+#[tokio::test]
+async fn buffered_partial_body_cut_by_the_gateway_gets_413_saying_why() {
+    let h = mk_harness().await;
+    let mut s = h.open().await;
+    let mut headers = mk_headers("/v1/completions", &[]);
+    headers.protocol_config = Some(protocol_config(3, FULL_DUPLEX));
+    s.send(headers).await;
+    s.recv().await; // headers pass at once, as in BUFFERED
+    let body = mk_completion("m", 5_000);
+    s.send(mk_body(&body[..2_000], false)).await;
+    let r = s.recv().await;
+    assert_refused(&r, 413, "BUFFERED_PARTIAL");
+    assert_eq!(h.total_inflight(), 0);
+}
