@@ -116,7 +116,15 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// The name as written in YAML and in the `engine-type` pod label.
+    pub const ALL: [Engine; 5] = [
+        Engine::Vllm,
+        Engine::Sglang,
+        Engine::TrtllmServe,
+        Engine::Triton,
+        Engine::Llamacpp,
+    ];
+
+    /// The name as written in YAML, flags and the `engine-type` pod label.
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::Vllm => "vllm",
@@ -125,6 +133,27 @@ impl Engine {
             Engine::Triton => "triton",
             Engine::Llamacpp => "llamacpp",
         }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error for an engine name that is not one of [`Engine::ALL`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown engine {0:?} (known: vllm, sglang, trtllm-serve, triton, llamacpp)")]
+pub struct UnknownEngine(pub String);
+
+impl std::str::FromStr for Engine {
+    type Err = UnknownEngine;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Engine::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| UnknownEngine(s.to_string()))
     }
 }
 

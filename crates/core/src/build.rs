@@ -12,7 +12,7 @@ use infergate_api::resources::{InferenceModel, InferenceModelRewrite, InferenceO
 
 use crate::datastore::Policy;
 use crate::director::SchedulerConfig;
-use crate::endpoint::{EndpointSpec, Engine};
+use crate::endpoint::EndpointSpec;
 use crate::objective::{Objective, Rewrite, RewriteRule, RewriteTarget};
 use crate::prefix::{PrefixConfig, CHARS_PER_TOKEN};
 use crate::saturation::SaturationConfig;
@@ -150,7 +150,7 @@ pub fn endpoints(file: &PoolFile) -> Vec<EndpointSpec> {
         .map(|e| EndpointSpec {
             name: e.display_name(),
             addr: e.socket_addr(),
-            engine: e.engine.as_str().parse().unwrap_or(Engine::Vllm),
+            engine: e.engine,
             labels: e.labels.clone(),
         })
         .collect()

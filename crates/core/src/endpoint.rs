@@ -5,9 +5,7 @@
 //! taken; the scheduler reads them, together with the in-flight counters, to score.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,57 +13,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 /// The model-server software behind an endpoint; decides which metric names are scraped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Engine {
-    #[default]
-    Vllm,
-    Sglang,
-    TrtllmServe,
-    Triton,
-    Llamacpp,
-}
-
-impl Engine {
-    pub const ALL: [Engine; 5] = [
-        Engine::Vllm,
-        Engine::Sglang,
-        Engine::TrtllmServe,
-        Engine::Triton,
-        Engine::Llamacpp,
-    ];
-
-    /// The name used in flags, pool files and the `inference.networking.k8s.io/engine-type` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::Vllm => "vllm",
-            Engine::Sglang => "sglang",
-            Engine::TrtllmServe => "trtllm-serve",
-            Engine::Triton => "triton",
-            Engine::Llamacpp => "llamacpp",
-        }
-    }
-}
-
-impl fmt::Display for Engine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Error for an engine name that is not one of [`Engine::ALL`].
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown engine {0:?} (known: vllm, sglang, trtllm-serve, triton, llamacpp)")]
-pub struct UnknownEngine(pub String);
-
-impl FromStr for Engine {
-    type Err = UnknownEngine;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Engine::ALL
-            .into_iter()
-            .find(|e| e.as_str() == s)
-            .ok_or_else(|| UnknownEngine(s.to_string()))
-    }
-}
+/// One type for files, flags and Kubernetes labels, defined with the file formats.
+pub use infergate_api::pool_file::{Engine, UnknownEngine};
 
 /// The static description of one endpoint, as a source (file, flags, Kubernetes) gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
