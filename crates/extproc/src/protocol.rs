@@ -65,6 +65,11 @@ pub enum BodyMode {
 }
 
 impl BodyMode {
+    /// Modes in which Envoy sends the body as one message and waits for its reply.
+    fn is_buffered(self) -> bool {
+        matches!(self, BodyMode::Buffered | BodyMode::BufferedPartial)
+    }
+
     fn from_i32(v: i32) -> BodyMode {
         match v {
             0 => BodyMode::None,
@@ -304,10 +309,7 @@ impl Exchange {
         }
         // In the buffered modes one message is all the body Envoy will send before it waits
         // for our reply (trailers may still follow).
-        let buffered = matches!(
-            self.request_mode,
-            BodyMode::Buffered | BodyMode::BufferedPartial
-        );
+        let buffered = self.request_mode.is_buffered();
         if b.end_of_stream || buffered {
             return self.decide_and_route(true);
         }
@@ -400,10 +402,7 @@ impl Exchange {
         });
         let metadata = Some(lb_metadata(&dest));
         let mut out = Vec::new();
-        let buffered = matches!(
-            self.request_mode,
-            BodyMode::Buffered | BodyMode::BufferedPartial
-        );
+        let buffered = self.request_mode.is_buffered();
         if has_body && buffered {
             let body_mutation = decision.rewritten_body.as_ref().map(|b| BodyMutation {
                 mutation: Some(body_mutation::Mutation::Body(b.clone())),
