@@ -234,7 +234,7 @@ fn bench_parts(c: &mut Criterion, sizes: &[usize]) {
             } else {
                 hashes.len()
             };
-            index.insert(k * (n as u32 / 8).max(1), &hashes[..upto]);
+            index.insert(k * (n as u32 / 8).max(1), &hashes[..upto], Some(8192));
         }
         g.bench_with_input(BenchmarkId::new("index_lookup", n), &n, |b, _| {
             b.iter(|| black_box(index.longest_matches(black_box(&hashes)).len()))
@@ -276,7 +276,7 @@ fn bench_parts(c: &mut Criterion, sizes: &[usize]) {
             b.iter(|| {
                 let all: Vec<usize> = (0..views.len()).collect();
                 let avoid = |i: usize| sat.endpoint_score(&views[i], NOW) >= 1.0;
-                black_box(cfg.profile.run(&facts, &views, all, &avoid, &mut rng))
+                black_box(cfg.profile.run(&facts, &views, all, &avoid, &mut rng, None))
             })
         });
         let picker = MaxScorePicker { max_endpoints: 1 };
