@@ -244,7 +244,7 @@ fn bench_parts(c: &mut Criterion, sizes: &[usize]) {
                 let views: Vec<EndpointView> = snap
                     .endpoints
                     .iter()
-                    .map(|e| EndpointView::with_inflight(e, NOW, cfg.staleness, true))
+                    .map(|e| EndpointView::build(e, NOW, cfg.staleness, true, MODEL))
                     .collect();
                 black_box(views.len())
             })
@@ -252,7 +252,7 @@ fn bench_parts(c: &mut Criterion, sizes: &[usize]) {
         let mut views: Vec<EndpointView> = snap
             .endpoints
             .iter()
-            .map(|e| EndpointView::with_inflight(e, NOW, cfg.staleness, true))
+            .map(|e| EndpointView::build(e, NOW, cfg.staleness, true, MODEL))
             .collect();
         for (i, v) in views.iter_mut().enumerate().take(8) {
             v.prefix_blocks = if i < 4 {

@@ -323,7 +323,15 @@ impl Director {
         let prompt_tokens = parsed.as_ref().map_or(0, |p| approx_tokens(p.prompt_bytes));
         let mut views: Vec<EndpointView> = cands
             .iter()
-            .map(|e| EndpointView::with_inflight(e, now, cfg.staleness, cfg.inflight_accounting))
+            .map(|e| {
+                EndpointView::build(
+                    e,
+                    now,
+                    cfg.staleness,
+                    cfg.inflight_accounting,
+                    &target_model,
+                )
+            })
             .collect();
 
         let hashes = if cfg.profile.uses_prefix() && !prompt_parts.is_empty() {
@@ -417,7 +425,7 @@ impl Director {
             return;
         }
         p.swept_generation = generation;
-        let live: std::collections::HashSet<u32> = snap.endpoints.iter().map(|e| e.id).collect();
+        let live: rustc_hash::FxHashSet<u32> = snap.endpoints.iter().map(|e| e.id).collect();
         for id in p.index.endpoints() {
             if !live.contains(&id) {
                 p.index.remove_endpoint(id);

@@ -110,6 +110,11 @@ impl Endpoint {
         self.sample.load_full()
     }
 
+    /// Run `f` on the latest scrape without taking a reference count (the hot path).
+    pub fn with_sample<R>(&self, f: impl FnOnce(&MetricsSample) -> R) -> R {
+        f(&self.sample.load())
+    }
+
     /// Age of the latest scrape at `now`; `None` if never scraped.
     pub fn metrics_age(&self, now: Duration) -> Option<Duration> {
         self.sample.load().updated_at.map(|t| now.saturating_sub(t))

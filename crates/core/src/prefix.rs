@@ -7,7 +7,9 @@
 //! `lru_capacity_per_endpoint` hashes, least recently used out first, and the whole index at
 //! most `max_total_entries`, so memory is bounded whatever the traffic.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use xxhash_rust::xxh64::{xxh64, Xxh64};
 
@@ -106,8 +108,8 @@ impl PrefixIndex {
     pub fn new(cfg: PrefixConfig) -> Self {
         PrefixIndex {
             cfg,
-            by_hash: HashMap::new(),
-            per_endpoint: HashMap::new(),
+            by_hash: HashMap::default(),
+            per_endpoint: HashMap::default(),
             tick: 0,
             entries: 0,
             lookups: 0,
@@ -141,7 +143,7 @@ impl PrefixIndex {
     /// For each endpoint holding a prefix of `hashes`, how many leading blocks it holds.
     /// Greedy longest prefix: an endpoint counts block `i` only if it held all before it.
     pub fn longest_matches(&mut self, hashes: &[u64]) -> HashMap<EndpointKey, usize> {
-        let mut matched: HashMap<EndpointKey, usize> = HashMap::new();
+        let mut matched: HashMap<EndpointKey, usize> = HashMap::default();
         self.lookups += 1;
         self.looked_blocks += hashes.len() as u64;
         let mut best = 0usize;

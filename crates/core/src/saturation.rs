@@ -32,19 +32,19 @@ impl Default for SaturationConfig {
 
 impl SaturationConfig {
     /// Utilisation score of one endpoint at `now`; 1.0 or more is saturated.
-    pub fn endpoint_score(&self, v: &EndpointView, now: Duration) -> f64 {
-        let age = v.sample.updated_at.map(|t| now.saturating_sub(t));
+    pub fn endpoint_score(&self, v: &EndpointView<'_>, now: Duration) -> f64 {
+        let age = v.updated_at.map(|t| now.saturating_sub(t));
         if age.is_none_or(|a| a > self.staleness) {
             return 1.0;
         }
         let q = v.waiting / self.queue_depth_threshold.max(f64::MIN_POSITIVE);
-        let kv = v.sample.metrics.kv_cache_usage.unwrap_or(0.0)
-            / self.kv_cache_util_threshold.max(f64::MIN_POSITIVE);
+        let kv =
+            v.kv_cache_usage.unwrap_or(0.0) / self.kv_cache_util_threshold.max(f64::MIN_POSITIVE);
         q.max(kv)
     }
 
     /// Mean score over `cands`; an empty pool is saturated.
-    pub fn pool_score(&self, views: &[EndpointView], cands: &[usize], now: Duration) -> f64 {
+    pub fn pool_score(&self, views: &[EndpointView<'_>], cands: &[usize], now: Duration) -> f64 {
         if cands.is_empty() {
             return f64::INFINITY;
         }
@@ -64,7 +64,7 @@ mod tests {
 
     const NOW: Duration = Duration::from_secs(10);
 
-    fn mk_view(waiting: u32, kv: f64, age_ms: u64) -> EndpointView {
+    fn mk_endpoint(waiting: u32, kv: f64, age_ms: u64) -> Arc<Endpoint> {
         let e = Arc::new(Endpoint::new(
             0,
             EndpointSpec::new(([127, 0, 0, 1], 1).into(), Engine::Vllm),
@@ -77,30 +77,43 @@ mod tests {
             },
             NOW - Duration::from_millis(age_ms),
         );
-        EndpointView::new(&e, NOW, Duration::from_secs(2))
+        e
+    }
+
+    /// Endpoint score of one endpoint with these metrics, scraped `age_ms` ago.
+    fn score(waiting: u32, kv: f64, age_ms: u64) -> f64 {
+        let e = mk_endpoint(waiting, kv, age_ms);
+        SaturationConfig::default()
+            .endpoint_score(&EndpointView::new(&e, NOW, Duration::from_secs(2)), NOW)
+    }
+
+    /// Pool score of fresh endpoints with these `(waiting, kv)`.
+    fn pool(eps: &[(u32, f64)]) -> f64 {
+        let eps: Vec<_> = eps.iter().map(|&(w, kv)| mk_endpoint(w, kv, 0)).collect();
+        let views: Vec<_> = eps
+            .iter()
+            .map(|e| EndpointView::new(e, NOW, Duration::from_secs(2)))
+            .collect();
+        let all: Vec<usize> = (0..views.len()).collect();
+        SaturationConfig::default().pool_score(&views, &all, NOW)
     }
 
     #[test]
     fn queue_or_kv_past_threshold_saturates() {
-        let c = SaturationConfig::default();
-        assert!(c.endpoint_score(&mk_view(2, 0.1, 0), NOW) < 1.0);
-        assert!(c.endpoint_score(&mk_view(5, 0.1, 0), NOW) >= 1.0);
-        assert!(c.endpoint_score(&mk_view(0, 0.85, 0), NOW) >= 1.0);
+        assert!(score(2, 0.1, 0) < 1.0);
+        assert!(score(5, 0.1, 0) >= 1.0);
+        assert!(score(0, 0.85, 0) >= 1.0);
     }
 
     #[test]
     fn metrics_older_than_200ms_count_as_saturated() {
-        let c = SaturationConfig::default();
-        assert_eq!(c.endpoint_score(&mk_view(0, 0.0, 250), NOW), 1.0);
-        assert!(c.endpoint_score(&mk_view(0, 0.0, 150), NOW) < 1.0);
+        assert_eq!(score(0, 0.0, 250), 1.0);
+        assert!(score(0, 0.0, 150) < 1.0);
     }
 
     #[test]
     fn pool_is_saturated_when_the_mean_reaches_one() {
-        let c = SaturationConfig::default();
-        let v = vec![mk_view(10, 0.0, 0), mk_view(0, 0.0, 0)];
-        assert!(c.pool_score(&v, &[0, 1], NOW) >= 1.0);
-        let v = vec![mk_view(6, 0.0, 0), mk_view(0, 0.0, 0), mk_view(0, 0.0, 0)];
-        assert!(c.pool_score(&v, &[0, 1, 2], NOW) < 1.0);
+        assert!(pool(&[(10, 0.0), (0, 0.0)]) >= 1.0);
+        assert!(pool(&[(6, 0.0), (0, 0.0), (0, 0.0)]) < 1.0);
     }
 }

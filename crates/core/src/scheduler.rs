@@ -12,80 +12,91 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore};
 
-use crate::endpoint::{Endpoint, MetricsSample};
+use crate::endpoint::{Endpoint, LoraState};
 
-/// One candidate as the scheduler sees it for one request.
+/// One candidate as the scheduler sees it for one request: plain numbers copied from the
+/// endpoint's last scrape and counters, so scoring touches no locks or reference counts.
 #[derive(Debug, Clone)]
-pub struct EndpointView {
-    pub endpoint: Arc<Endpoint>,
-    pub sample: Arc<MetricsSample>,
+pub struct EndpointView<'a> {
+    pub endpoint: &'a Arc<Endpoint>,
     /// Metrics younger than the staleness threshold.
     pub fresh: bool,
+    /// When the last successful scrape completed; `None` before the first.
+    pub updated_at: Option<Duration>,
     /// Waiting requests: scraped, plus what this picker sent that the scrape cannot show yet.
     pub waiting: f64,
     pub running: f64,
+    /// Scraped KV-cache use, whatever its age; `None` when the engine does not report it.
+    pub kv_cache_usage: Option<f64>,
+    /// How well the request's adapter fits (see [`LoraAffinityScorer`]); 0 when unknown.
+    pub lora_affinity: f64,
     pub inflight_requests: u64,
     pub inflight_tokens: u64,
     /// Leading prompt blocks this endpoint probably has cached.
     pub prefix_blocks: usize,
 }
 
-impl EndpointView {
-    /// Build a view of `endpoint` at `now`.
+impl<'a> EndpointView<'a> {
+    /// A view of `endpoint` at `now` with in-flight accounting and no LoRA request.
+    pub fn new(endpoint: &'a Arc<Endpoint>, now: Duration, staleness: Duration) -> Self {
+        Self::build(endpoint, now, staleness, true, "")
+    }
+
+    /// Build a view of `endpoint` at `now` for a request served by `target_model`.
     ///
     /// In-flight estimate: the server's `waiting + running` already counts what it has
     /// received; if the picker has more requests outstanding there than that, the surplus is
     /// in transit or queued since the scrape, so it is added to `waiting`. With several
-    /// pickers or other clients the server's own count is larger and wins.
-    pub fn new(endpoint: &Arc<Endpoint>, now: Duration, staleness: Duration) -> Self {
-        Self::with_inflight(endpoint, now, staleness, true)
-    }
-
-    /// As [`EndpointView::new`], with in-flight accounting switched on or off (to compare).
-    pub fn with_inflight(
-        endpoint: &Arc<Endpoint>,
+    /// pickers or other clients the server's own count is larger and wins. `use_inflight`
+    /// switches this off, to compare.
+    pub fn build(
+        endpoint: &'a Arc<Endpoint>,
         now: Duration,
         staleness: Duration,
         use_inflight: bool,
+        target_model: &str,
     ) -> Self {
-        let sample = endpoint.sample();
-        let fresh = sample
-            .updated_at
-            .is_some_and(|t| now.saturating_sub(t) <= staleness);
         let (inflight_requests, inflight_tokens) = if use_inflight {
             (endpoint.inflight_requests(), endpoint.inflight_tokens())
         } else {
             (0, 0)
         };
-        let m = &sample.metrics;
-        let (w, r) = if fresh {
-            (m.waiting as f64, m.running as f64)
-        } else {
-            (0.0, 0.0)
-        };
-        let unseen = (inflight_requests as f64 - (w + r)).max(0.0);
-        EndpointView {
-            endpoint: endpoint.clone(),
-            fresh,
-            waiting: w + unseen,
-            running: r,
-            inflight_requests,
-            inflight_tokens,
-            prefix_blocks: 0,
-            sample,
-        }
+        endpoint.with_sample(|sample| {
+            let fresh = sample
+                .updated_at
+                .is_some_and(|t| now.saturating_sub(t) <= staleness);
+            let m = &sample.metrics;
+            let (w, r) = if fresh {
+                (m.waiting as f64, m.running as f64)
+            } else {
+                (0.0, 0.0)
+            };
+            let unseen = (inflight_requests as f64 - (w + r)).max(0.0);
+            EndpointView {
+                endpoint,
+                fresh,
+                updated_at: sample.updated_at,
+                waiting: w + unseen,
+                running: r,
+                kv_cache_usage: m.kv_cache_usage,
+                lora_affinity: match &m.lora {
+                    Some(lora) if fresh => lora_affinity(lora, target_model),
+                    _ => 0.0,
+                },
+                inflight_requests,
+                inflight_tokens,
+                prefix_blocks: 0,
+            }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.endpoint.spec.addr
     }
 
+    /// KV-cache use if the metrics are fresh and the engine reports it.
     pub fn kv_usage(&self) -> Option<f64> {
-        if self.fresh {
-            self.sample.metrics.kv_cache_usage
-        } else {
-            None
-        }
+        self.kv_cache_usage.filter(|_| self.fresh)
     }
 }
 
@@ -104,13 +115,19 @@ pub struct RequestFacts {
 /// Narrows the candidate list (indices into the views).
 pub trait Filter: Send + Sync + std::fmt::Debug {
     fn type_name(&self) -> &'static str;
-    fn filter(&self, req: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>);
+    fn filter(&self, req: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>);
 }
 
 /// Rates each candidate in [0, 1]; `out[i]` belongs to `cands[i]`.
 pub trait Scorer: Send + Sync + std::fmt::Debug {
     fn type_name(&self) -> &'static str;
-    fn score(&self, req: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]);
+    fn score(
+        &self,
+        req: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    );
 }
 
 /// Chooses the primary endpoint and fallbacks, best first.
@@ -124,10 +141,10 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
 
 /// `(max - x) / (max - min)` over fresh candidates; 1 when all equal; 0 for stale ones.
 fn score_lower_is_better(
-    views: &[EndpointView],
+    views: &[EndpointView<'_>],
     cands: &[usize],
     out: &mut [f64],
-    value: impl Fn(&EndpointView) -> f64,
+    value: impl Fn(&EndpointView<'_>) -> f64,
 ) {
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
     for &i in cands {
@@ -155,7 +172,13 @@ impl Scorer for QueueScorer {
     fn type_name(&self) -> &'static str {
         "queue-scorer"
     }
-    fn score(&self, _: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         score_lower_is_better(views, cands, out, |v| v.waiting);
     }
 }
@@ -167,7 +190,13 @@ impl Scorer for RunningRequestsScorer {
     fn type_name(&self) -> &'static str {
         "running-requests-size-scorer"
     }
-    fn score(&self, _: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         score_lower_is_better(views, cands, out, |v| {
             v.running.max(v.inflight_requests as f64 - v.waiting)
         });
@@ -182,7 +211,13 @@ impl Scorer for KvCacheScorer {
     fn type_name(&self) -> &'static str {
         "kv-cache-utilization-scorer"
     }
-    fn score(&self, _: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         for (o, &i) in out.iter_mut().zip(cands) {
             *o = match views[i].kv_usage() {
                 Some(u) => (1.0 - u).clamp(0.0, 1.0),
@@ -200,7 +235,13 @@ impl Scorer for PrefixCacheScorer {
     fn type_name(&self) -> &'static str {
         "prefix-cache-scorer"
     }
-    fn score(&self, req: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        req: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         for (o, &i) in out.iter_mut().zip(cands) {
             *o = if req.prompt_blocks == 0 {
                 0.0
@@ -211,15 +252,11 @@ impl Scorer for PrefixCacheScorer {
     }
 }
 
-/// Where the requested adapter stands on an endpoint.
-fn lora_affinity(req: &RequestFacts, v: &EndpointView) -> f64 {
-    let Some(lora) = v.sample.metrics.lora.as_ref().filter(|_| v.fresh) else {
-        return 0.0;
-    };
-    let m = req.target_model.as_str();
-    if lora.running.iter().any(|a| a == m) {
+/// Where adapter `model` stands on an endpoint with this LoRA state.
+fn lora_affinity(lora: &LoraState, model: &str) -> f64 {
+    if lora.running.iter().any(|a| a == model) {
         1.0
-    } else if lora.waiting.iter().any(|a| a == m) {
+    } else if lora.waiting.iter().any(|a| a == model) {
         0.6
     } else if ((lora.running.len() + lora.waiting.len()) as u32) < lora.max_loras {
         0.8
@@ -236,9 +273,15 @@ impl Scorer for LoraAffinityScorer {
     fn type_name(&self) -> &'static str {
         "lora-affinity-scorer"
     }
-    fn score(&self, req: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         for (o, &i) in out.iter_mut().zip(cands) {
-            *o = lora_affinity(req, &views[i]);
+            *o = views[i].lora_affinity;
         }
     }
 }
@@ -250,7 +293,13 @@ impl Scorer for TokenLoadScorer {
     fn type_name(&self) -> &'static str {
         "token-load-scorer"
     }
-    fn score(&self, _: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         let max = cands
             .iter()
             .map(|&i| views[i].inflight_tokens)
@@ -279,7 +328,13 @@ impl Scorer for InflightLoadScorer {
     fn type_name(&self) -> &'static str {
         "inflight-load-scorer"
     }
-    fn score(&self, _: &RequestFacts, views: &[EndpointView], cands: &[usize], out: &mut [f64]) {
+    fn score(
+        &self,
+        _: &RequestFacts,
+        views: &[EndpointView<'_>],
+        cands: &[usize],
+        out: &mut [f64],
+    ) {
         let max = cands
             .iter()
             .map(|&i| views[i].inflight_requests)
@@ -319,7 +374,7 @@ impl Filter for HeaderTestingFilter {
     fn type_name(&self) -> &'static str {
         "header-based-testing-filter"
     }
-    fn filter(&self, req: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
+    fn filter(&self, req: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
         let Some(sel) = &req.test_selection else {
             return;
         };
@@ -340,7 +395,7 @@ impl Filter for LeastQueueFilter {
     fn type_name(&self) -> &'static str {
         "least-queue-filter"
     }
-    fn filter(&self, _: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
+    fn filter(&self, _: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
         least_by(views, cands, |v| v.fresh.then_some(v.waiting));
     }
 }
@@ -352,15 +407,15 @@ impl Filter for LeastKvCacheFilter {
     fn type_name(&self) -> &'static str {
         "least-kv-cache-filter"
     }
-    fn filter(&self, _: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
+    fn filter(&self, _: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
         least_by(views, cands, |v| v.kv_usage());
     }
 }
 
 fn least_by(
-    views: &[EndpointView],
+    views: &[EndpointView<'_>],
     cands: &mut Vec<usize>,
-    value: impl Fn(&EndpointView) -> Option<f64>,
+    value: impl Fn(&EndpointView<'_>) -> Option<f64>,
 ) {
     let vals: Vec<f64> = cands.iter().filter_map(|&i| value(&views[i])).collect();
     if vals.is_empty() {
@@ -381,7 +436,7 @@ impl Filter for LowQueueFilter {
     fn type_name(&self) -> &'static str {
         "low-queue-filter"
     }
-    fn filter(&self, _: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
+    fn filter(&self, _: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
         keep_some(cands, |i| {
             views[i].fresh && views[i].waiting < self.threshold
         });
@@ -395,9 +450,9 @@ impl Filter for LoraAffinityFilter {
     fn type_name(&self) -> &'static str {
         "lora-affinity-filter"
     }
-    fn filter(&self, req: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
-        keep_some(cands, |i| lora_affinity(req, &views[i]) >= 1.0);
-        keep_some(cands, |i| lora_affinity(req, &views[i]) >= 0.8);
+    fn filter(&self, _: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
+        keep_some(cands, |i| views[i].lora_affinity >= 1.0);
+        keep_some(cands, |i| views[i].lora_affinity >= 0.8);
     }
 }
 
@@ -410,7 +465,7 @@ impl Filter for PrefixAffinityFilter {
     fn type_name(&self) -> &'static str {
         "prefix-cache-affinity-filter"
     }
-    fn filter(&self, req: &RequestFacts, views: &[EndpointView], cands: &mut Vec<usize>) {
+    fn filter(&self, req: &RequestFacts, views: &[EndpointView<'_>], cands: &mut Vec<usize>) {
         if req.prompt_blocks == 0 {
             return;
         }
@@ -434,10 +489,31 @@ impl Picker for MaxScorePicker {
         "max-score-picker"
     }
     fn pick(&self, cands: &[usize], scores: &[f64], rng: &mut dyn RngCore) -> Vec<usize> {
+        if self.max_endpoints <= 1 {
+            // One pass: the best score, ties broken uniformly (reservoir sampling).
+            let mut best: Option<usize> = None;
+            let mut ties = 0u32;
+            for (k, &s) in scores.iter().enumerate() {
+                match best {
+                    Some(b) if s < scores[b] => {}
+                    Some(b) if s == scores[b] => {
+                        ties += 1;
+                        if rng.random_range(0..ties) == 0 {
+                            best = Some(k);
+                        }
+                    }
+                    _ => {
+                        best = Some(k);
+                        ties = 1;
+                    }
+                }
+            }
+            return best.map(|k| vec![cands[k]]).unwrap_or_default();
+        }
         let mut order: Vec<usize> = (0..cands.len()).collect();
         order.shuffle(rng);
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        order.truncate(self.max_endpoints.max(1));
+        order.truncate(self.max_endpoints);
         order.into_iter().map(|k| cands[k]).collect()
     }
 }
@@ -559,7 +635,7 @@ impl Profile {
     pub fn run(
         &self,
         req: &RequestFacts,
-        views: &[EndpointView],
+        views: &[EndpointView<'_>],
         mut cands: Vec<usize>,
         avoid: &dyn Fn(usize) -> bool,
         rng: &mut dyn RngCore,
@@ -617,13 +693,17 @@ mod tests {
         e
     }
 
-    fn views(eps: &[Arc<Endpoint>]) -> Vec<EndpointView> {
+    fn views(eps: &[Arc<Endpoint>]) -> Vec<EndpointView<'_>> {
+        views_for(eps, "")
+    }
+
+    fn views_for<'a>(eps: &'a [Arc<Endpoint>], model: &str) -> Vec<EndpointView<'a>> {
         eps.iter()
-            .map(|e| EndpointView::new(e, NOW, STALE))
+            .map(|e| EndpointView::build(e, NOW, STALE, true, model))
             .collect()
     }
 
-    fn scores(s: &dyn Scorer, req: &RequestFacts, v: &[EndpointView]) -> Vec<f64> {
+    fn scores(s: &dyn Scorer, req: &RequestFacts, v: &[EndpointView<'_>]) -> Vec<f64> {
         let cands: Vec<usize> = (0..v.len()).collect();
         let mut out = vec![0.0; v.len()];
         s.score(req, v, &cands, &mut out);
@@ -632,16 +712,18 @@ mod tests {
 
     #[test]
     fn queue_scorer_prefers_shorter_queue_and_is_flat_when_equal() {
-        let v = views(&[
+        let eps = [
             mk_endpoint(1, 0, 0, 0.0),
             mk_endpoint(2, 10, 0, 0.0),
             mk_endpoint(3, 5, 0, 0.0),
-        ]);
+        ];
+        let v = views(&eps);
         assert_eq!(
             scores(&QueueScorer, &RequestFacts::default(), &v),
             vec![1.0, 0.0, 0.5]
         );
-        let v = views(&[mk_endpoint(1, 3, 0, 0.0), mk_endpoint(2, 3, 0, 0.0)]);
+        let eps = [mk_endpoint(1, 3, 0, 0.0), mk_endpoint(2, 3, 0, 0.0)];
+        let v = views(&eps);
         assert_eq!(
             scores(&QueueScorer, &RequestFacts::default(), &v),
             vec![1.0, 1.0]
@@ -684,11 +766,12 @@ mod tests {
     fn kv_scorer_is_one_minus_usage_and_neutral_when_unknown() {
         let unknown = mk_endpoint(3, 0, 0, 0.0);
         unknown.set_metrics(EndpointMetrics::default(), NOW);
-        let v = views(&[
+        let eps = [
             mk_endpoint(1, 0, 0, 0.25),
             mk_endpoint(2, 0, 0, 1.0),
             unknown,
-        ]);
+        ];
+        let v = views(&eps);
         assert_eq!(
             scores(&KvCacheScorer, &RequestFacts::default(), &v),
             vec![0.75, 0.0, 0.5]
@@ -712,12 +795,13 @@ mod tests {
             );
             e
         };
-        let v = views(&[
+        let eps = [
             mk(1, &["x"], &[], 2),
             mk(2, &["a"], &["x"], 2),
             mk(3, &["a"], &[], 2),
             mk(4, &["a", "b"], &[], 2),
-        ]);
+        ];
+        let v = views_for(&eps, "x");
         let req = RequestFacts {
             target_model: "x".into(),
             ..Default::default()
@@ -733,7 +817,8 @@ mod tests {
 
     #[test]
     fn prefix_scorer_is_matched_over_total() {
-        let mut v = views(&[mk_endpoint(1, 0, 0, 0.0), mk_endpoint(2, 0, 0, 0.0)]);
+        let eps = [mk_endpoint(1, 0, 0, 0.0), mk_endpoint(2, 0, 0, 0.0)];
+        let mut v = views(&eps);
         v[0].prefix_blocks = 3;
         let req = RequestFacts {
             prompt_blocks: 4,
@@ -744,11 +829,12 @@ mod tests {
 
     #[test]
     fn testing_filter_keeps_only_named_endpoints() {
-        let v = views(&[
+        let eps = [
             mk_endpoint(1, 0, 0, 0.0),
             mk_endpoint(2, 0, 0, 0.0),
             mk_endpoint(3, 0, 0, 0.0),
-        ]);
+        ];
+        let v = views(&eps);
         let mut cands = vec![0, 1, 2];
         let req = RequestFacts {
             test_selection: Some(vec!["127.0.0.1:2".into(), "10.0.0.1".into()]),
@@ -768,11 +854,12 @@ mod tests {
 
     #[test]
     fn least_queue_filter_keeps_the_low_band_and_never_empties() {
-        let v = views(&[
+        let eps = [
             mk_endpoint(1, 0, 0, 0.0),
             mk_endpoint(2, 9, 0, 0.0),
             mk_endpoint(3, 2, 0, 0.0),
-        ]);
+        ];
+        let v = views(&eps);
         let mut cands = vec![0, 1, 2];
         LeastQueueFilter.filter(&RequestFacts::default(), &v, &mut cands);
         assert_eq!(cands, vec![0, 2]);
@@ -816,11 +903,12 @@ mod tests {
 
     #[test]
     fn default_profile_avoids_the_long_queue() {
-        let v = views(&[
+        let eps = [
             mk_endpoint(1, 30, 4, 0.9),
             mk_endpoint(2, 0, 1, 0.1),
             mk_endpoint(3, 1, 1, 0.2),
-        ]);
+        ];
+        let v = views(&eps);
         let mut rng = SmallRng::seed_from_u64(1);
         let picked = Profile::default_profile().run(
             &RequestFacts::default(),
