@@ -1,9 +1,10 @@
 //! The gRPC side: one [`Exchange`] per ext_proc stream, and the health service.
 //!
-//! Each stream gets its own task that reads Envoy's messages in order, feeds them to the
-//! exchange and forwards the replies; when the stream ends for any reason the exchange is
-//! dropped, which releases the request's in-flight count.
+//! Each stream's replies are a lazy stream over Envoy's messages: each message is fed to the
+//! exchange as tonic asks for the next reply. When the stream ends for any reason the
+//! exchange is dropped, which releases the request's in-flight count.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,8 +14,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -47,6 +46,13 @@ impl Picker {
     }
 }
 
+/// Per-stream state: Envoy's messages in, the exchange, replies not yet sent.
+struct StreamState {
+    inbound: Streaming<ProcessingRequest>,
+    exchange: Exchange,
+    pending: VecDeque<ProcessingResponse>,
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -57,36 +63,41 @@ impl ExternalProcessor for Picker {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
+        let inbound = request.into_inner();
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let idle = ctx.options.idle_timeout;
-            let mut exchange = Exchange::new(ctx);
+        let idle = ctx.options.idle_timeout;
+        let state = StreamState {
+            inbound,
+            exchange: Exchange::new(ctx),
+            pending: VecDeque::new(),
+        };
+        // Replies are produced in the task tonic already polls for this stream, so a message
+        // costs no extra task wake-up or channel hop. Dropping the stream (Envoy gone) drops
+        // the exchange, which releases the request.
+        let replies = futures::stream::unfold(state, move |mut st| async move {
             loop {
-                let msg = match tokio::time::timeout(idle, inbound.next()).await {
+                if let Some(r) = st.pending.pop_front() {
+                    return Some((Ok(r), st));
+                }
+                let msg = match tokio::time::timeout(idle, st.inbound.next()).await {
                     Ok(Some(Ok(m))) => m,
-                    Ok(None) => break,
+                    Ok(None) => return None,
                     Ok(Some(Err(e))) => {
                         tracing::debug!(error = %e, "ext_proc stream ended with an error");
-                        break;
+                        return None;
                     }
                     Err(_) => {
                         tracing::warn!(
                             ?idle,
                             "ext_proc stream idle too long; dropping it and its in-flight count"
                         );
-                        break;
+                        return None;
                     }
                 };
-                for reply in exchange.on_message(msg) {
-                    if tx.send(Ok(reply)).await.is_err() {
-                        return; // Envoy went away; dropping the exchange releases the request.
-                    }
-                }
+                st.pending.extend(st.exchange.on_message(msg));
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(replies)))
     }
 }
 
@@ -97,7 +108,10 @@ pub async fn serve_extproc(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(true))
+        // Fixed, generous windows: adaptive sizing adds ping frames to every burst, and
+        // bodies of many megabytes must not stall on flow control.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .add_service(picker.into_server())
         .serve_with_shutdown(addr, shutdown)
         .await

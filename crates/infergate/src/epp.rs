@@ -76,6 +76,9 @@ pub struct EppArgs {
     /// Drop an ext_proc stream (and its in-flight count) after this long without a message.
     #[arg(long, default_value = "10m", value_parser = duration)]
     pub exchange_idle_timeout: Duration,
+    /// Threads serving requests and scrapes; 0 means one per core.
+    #[arg(long, env = "INFERGATE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Seed for tie-breaking and weighted choices (reproducible runs).
     #[arg(long, default_value_t = 0x1f_e9a7e)]
     pub seed: u64,
@@ -137,9 +140,11 @@ pub fn check(config: Option<&Path>, pool: Option<&Path>) -> anyhow::Result<()> {
 }
 
 pub fn run(args: EppArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        rt.worker_threads(args.worker_threads);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(serve(args))
 }
 
