@@ -144,6 +144,22 @@ const LLAMACPP: Mapping = Mapping {
     kv: &[],
 };
 
+/// Whether [`extract`] reads metric family `name` for `engine`. The scraper parses only
+/// these lines, so histograms and counters (most of a vLLM page) cost a name comparison.
+pub fn reads(engine: Engine, name: &str) -> bool {
+    let map = mapping(engine);
+    if name == map.waiting.name || name == map.running.name || map.kv.iter().any(|k| k.name == name)
+    {
+        return true;
+    }
+    match engine {
+        Engine::Vllm => name == "vllm:lora_requests_info" || name == "vllm:cache_config_info",
+        Engine::Sglang => name == "sglang:cache_config_info",
+        Engine::Triton => name == TRITON_KV_BLOCKS,
+        Engine::TrtllmServe | Engine::Llamacpp => false,
+    }
+}
+
 fn mapping(engine: Engine) -> &'static Mapping {
     match engine {
         Engine::Vllm => &VLLM,

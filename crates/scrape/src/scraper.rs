@@ -437,7 +437,7 @@ async fn scrape_once(
         })?
         .to_bytes();
     let page = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8)?;
-    let samples = text::parse(page)?;
+    let samples = text::parse_only(page, |name| engines::reads(engine, name))?;
     Ok(engines::extract(engine, &samples)?)
 }
 

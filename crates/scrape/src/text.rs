@@ -87,6 +87,16 @@ pub enum ParseError {
 /// assert_eq!(samples[0].value, 3.0);
 /// ```
 pub fn parse(input: &str) -> Result<Vec<Sample<'_>>, ParseError> {
+    parse_only(input, |_| true)
+}
+
+/// Like [`parse`], but keeps only samples whose metric name `keep` accepts; other lines
+/// are checked up to their name and skipped, which makes large pages cheap when only a few
+/// families matter.
+pub fn parse_only<'a>(
+    input: &'a str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<Sample<'a>>, ParseError> {
     if input.len() > MAX_PAGE_BYTES {
         return Err(ParseError::PageTooLarge {
             size: input.len(),
@@ -113,6 +123,12 @@ pub fn parse(input: &str) -> Result<Vec<Sample<'_>>, ParseError> {
                         limit: MAX_SAMPLES,
                     });
                 }
+                let start = cur.pos;
+                let name = cur.metric_name()?;
+                if !keep(name) {
+                    continue;
+                }
+                cur.pos = start;
                 samples.push(cur.sample()?);
             }
         }

@@ -290,3 +290,30 @@ fn unparsable_block_size_is_an_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn parsing_only_the_families_an_engine_reads_gives_the_same_metrics() {
+    for (engine, page) in [
+        (Engine::Vllm, VLLM),
+        (Engine::Vllm, VLLM_LEGACY),
+        (Engine::Sglang, SGLANG),
+        (Engine::TrtllmServe, TRTLLM_SERVE),
+        (Engine::Triton, TRITON),
+        (Engine::Llamacpp, LLAMACPP),
+    ] {
+        let all = infergate_scrape::text::parse(page).unwrap();
+        let some = infergate_scrape::text::parse_only(page, |n| {
+            infergate_scrape::engines::reads(engine, n)
+        })
+        .unwrap();
+        assert!(
+            some.len() < all.len(),
+            "{engine}: the filter should skip something"
+        );
+        assert_eq!(
+            extract(engine, &some).unwrap(),
+            extract(engine, &all).unwrap(),
+            "{engine}"
+        );
+    }
+}
