@@ -352,7 +352,10 @@ impl Director {
 
         let all: Vec<usize> = (0..views.len()).collect();
         let sat = &cfg.saturation;
-        if priority < 0 && sat.pool_score(&views, &all, now) >= 1.0 {
+        // One utilisation score per candidate serves both shedding and steering.
+        let utilisation: Vec<f64> = views.iter().map(|v| sat.endpoint_score(v, now)).collect();
+        let pool_score = utilisation.iter().sum::<f64>() / utilisation.len().max(1) as f64;
+        if priority < 0 && pool_score >= 1.0 {
             return Err(PickError::new(
                 ErrorKind::Shed,
                 format!(
@@ -374,7 +377,7 @@ impl Director {
         // Steer around endpoints past their saturation threshold (plus headroom) when any
         // others remain after the profile's filters.
         let limit = 1.0 + sat.headroom;
-        let avoid = |i: usize| sat.endpoint_score(&views[i], now) >= limit;
+        let avoid = |i: usize| utilisation[i] >= limit;
         let timer = self
             .plugin_timing
             .as_ref()

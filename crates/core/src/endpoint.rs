@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,8 +82,36 @@ pub struct Endpoint {
     /// the key in the prefix index so it never stores addresses.
     pub id: u32,
     sample: ArcSwap<MetricsSample>,
+    /// The figures every pick reads, copied out of `sample` so scoring reads one small
+    /// struct per endpoint instead of following a pointer to the sample.
+    hot: HotMetrics,
     inflight_requests: AtomicU64,
     inflight_tokens: AtomicU64,
+}
+
+/// Lock-free copies of the scraped numbers the scheduler reads on every request. Fields
+/// are written one by one, so a reader may see two consecutive scrapes mixed, which is
+/// harmless for scoring.
+#[derive(Debug, Default)]
+struct HotMetrics {
+    waiting: AtomicU32,
+    running: AtomicU32,
+    /// `f64` bits of the KV-cache use; `u64::MAX` (a NaN) for none.
+    kv_bits: AtomicU64,
+    /// Nanoseconds of `updated_at` plus one; 0 before the first scrape.
+    updated_nanos: AtomicU64,
+    has_lora: AtomicBool,
+}
+
+/// The hot figures of one endpoint, as [`Endpoint::hot`] returns them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HotSample {
+    pub waiting: u32,
+    pub running: u32,
+    pub kv_cache_usage: Option<f64>,
+    pub updated_at: Option<Duration>,
+    /// Whether the full sample carries LoRA state (see [`Endpoint::with_sample`]).
+    pub has_lora: bool,
 }
 
 impl Endpoint {
@@ -92,6 +120,10 @@ impl Endpoint {
             spec,
             id,
             sample: ArcSwap::from_pointee(MetricsSample::default()),
+            hot: HotMetrics {
+                kv_bits: AtomicU64::new(u64::MAX),
+                ..Default::default()
+            },
             inflight_requests: AtomicU64::new(0),
             inflight_tokens: AtomicU64::new(0),
         }
@@ -99,10 +131,35 @@ impl Endpoint {
 
     /// Record a successful scrape taken at `now`.
     pub fn set_metrics(&self, metrics: EndpointMetrics, now: Duration) {
+        let h = &self.hot;
+        h.waiting.store(metrics.waiting, Ordering::Relaxed);
+        h.running.store(metrics.running, Ordering::Relaxed);
+        h.kv_bits.store(
+            metrics.kv_cache_usage.map_or(u64::MAX, f64::to_bits),
+            Ordering::Relaxed,
+        );
+        h.has_lora.store(metrics.lora.is_some(), Ordering::Relaxed);
         self.sample.store(Arc::new(MetricsSample {
             metrics,
             updated_at: Some(now),
         }));
+        // Last, with release: a reader that sees the new time sees the figures before it.
+        let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX - 1);
+        h.updated_nanos.store(nanos + 1, Ordering::Release);
+    }
+
+    /// The figures scoring needs, without touching the full sample.
+    pub fn hot(&self) -> HotSample {
+        let h = &self.hot;
+        let nanos = h.updated_nanos.load(Ordering::Acquire);
+        let kv = f64::from_bits(h.kv_bits.load(Ordering::Relaxed));
+        HotSample {
+            waiting: h.waiting.load(Ordering::Relaxed),
+            running: h.running.load(Ordering::Relaxed),
+            kv_cache_usage: (!kv.is_nan()).then_some(kv),
+            updated_at: (nanos > 0).then(|| Duration::from_nanos(nanos - 1)),
+            has_lora: h.has_lora.load(Ordering::Relaxed),
+        }
     }
 
     /// The latest scrape; a reference-count increment, no copy.
@@ -147,5 +204,48 @@ impl Endpoint {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 Some(v.saturating_sub(tokens))
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_figures_follow_the_latest_scrape() {
+        let e = Endpoint::new(
+            1,
+            EndpointSpec::new(([127, 0, 0, 1], 8000).into(), Engine::Vllm),
+        );
+        let h = e.hot();
+        assert_eq!(
+            (h.updated_at, h.kv_cache_usage, h.has_lora),
+            (None, None, false)
+        );
+        e.set_metrics(
+            EndpointMetrics {
+                waiting: 3,
+                running: 7,
+                kv_cache_usage: Some(0.25),
+                lora: Some(LoraState::default()),
+                ..Default::default()
+            },
+            Duration::from_millis(1500),
+        );
+        let h = e.hot();
+        assert_eq!(
+            h,
+            HotSample {
+                waiting: 3,
+                running: 7,
+                kv_cache_usage: Some(0.25),
+                updated_at: Some(Duration::from_millis(1500)),
+                has_lora: true
+            }
+        );
+        // An engine without a KV metric reads as unknown, not as zero.
+        e.set_metrics(EndpointMetrics::default(), Duration::ZERO);
+        assert_eq!(e.hot().kv_cache_usage, None);
+        assert_eq!(e.hot().updated_at, Some(Duration::ZERO));
     }
 }

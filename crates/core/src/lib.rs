@@ -20,4 +20,6 @@ pub mod scheduler;
 
 pub use datastore::{Datastore, Policy, Snapshot};
 pub use director::{Decision, Director, ErrorKind, PickError, RequestInput, SchedulerConfig};
-pub use endpoint::{Endpoint, EndpointMetrics, EndpointSpec, Engine, LoraState, MetricsSample};
+pub use endpoint::{
+    Endpoint, EndpointMetrics, EndpointSpec, Engine, HotSample, LoraState, MetricsSample,
+};

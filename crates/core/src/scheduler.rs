@@ -61,33 +61,39 @@ impl<'a> EndpointView<'a> {
         } else {
             (0, 0)
         };
-        endpoint.with_sample(|sample| {
-            let fresh = sample
-                .updated_at
-                .is_some_and(|t| now.saturating_sub(t) <= staleness);
-            let m = &sample.metrics;
-            let (w, r) = if fresh {
-                (m.waiting as f64, m.running as f64)
-            } else {
-                (0.0, 0.0)
-            };
-            let unseen = (inflight_requests as f64 - (w + r)).max(0.0);
-            EndpointView {
-                endpoint,
-                fresh,
-                updated_at: sample.updated_at,
-                waiting: w + unseen,
-                running: r,
-                kv_cache_usage: m.kv_cache_usage,
-                lora_affinity: match &m.lora {
-                    Some(lora) if fresh => lora_affinity(lora, target_model),
-                    _ => 0.0,
-                },
-                inflight_requests,
-                inflight_tokens,
-                prefix_blocks: 0,
-            }
-        })
+        let hot = endpoint.hot();
+        let fresh = hot
+            .updated_at
+            .is_some_and(|t| now.saturating_sub(t) <= staleness);
+        let (w, r) = if fresh {
+            (f64::from(hot.waiting), f64::from(hot.running))
+        } else {
+            (0.0, 0.0)
+        };
+        let unseen = (inflight_requests as f64 - (w + r)).max(0.0);
+        // Only LoRA state lives solely in the full sample; read it when it can matter.
+        let lora_affinity = if fresh && hot.has_lora && !target_model.is_empty() {
+            endpoint.with_sample(|s| {
+                s.metrics
+                    .lora
+                    .as_ref()
+                    .map_or(0.0, |l| lora_affinity(l, target_model))
+            })
+        } else {
+            0.0
+        };
+        EndpointView {
+            endpoint,
+            fresh,
+            updated_at: hot.updated_at,
+            waiting: w + unseen,
+            running: r,
+            kv_cache_usage: hot.kv_cache_usage,
+            lora_affinity,
+            inflight_requests,
+            inflight_tokens,
+            prefix_blocks: 0,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
