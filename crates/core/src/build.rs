@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use infergate_api::config::{EndpointPickerConfig, PluginCategory, PluginKind};
+use infergate_api::config::{EndpointPickerConfig, PluginCategory, PluginKind, PrefixCacheParams};
 use infergate_api::pool_file::PoolFile;
 use infergate_api::resources::{InferenceModel, InferenceModelRewrite, InferenceObjective};
 
@@ -59,18 +59,7 @@ pub fn scheduler_config(
             PluginKind::TokenLoadScorer => scorers.push((Box::new(TokenLoadScorer), pr.weight())),
             PluginKind::InflightLoadScorer => scorers.push((Box::new(InflightLoadScorer), pr.weight())),
             PluginKind::PrefixCacheScorer(p) => {
-                let block_size_tokens = match p.block_size {
-                    // Legacy `blockSize` is in characters.
-                    Some(chars) => (chars as usize).div_ceil(CHARS_PER_TOKEN).max(1),
-                    None => p.block_size_tokens.max(1) as usize,
-                };
-                prefix = PrefixConfig {
-                    block_size_tokens,
-                    max_blocks: p.max_prefix_blocks_to_match.max(1) as usize,
-                    lru_capacity_per_endpoint: p.lru_capacity_per_server.max(1) as usize,
-                    max_total_entries: p.max_index_entries.max(1) as usize,
-                    auto_tune: p.auto_tune,
-                };
+                prefix = prefix_config(p);
                 scorers.push((Box::new(PrefixCacheScorer), pr.weight()));
             }
             PluginKind::MaxScorePicker(p) => {
@@ -101,15 +90,17 @@ pub fn scheduler_config(
             }
         }
     }
-    // Prefix settings also come from a prefix-cache-scorer defined outside the profile.
+    // A prefix-cache-affinity-filter uses the index too; a prefix-cache-scorer defined
+    // outside the profile still configures it.
     if !scorers
         .iter()
         .any(|(s, _)| s.type_name() == "prefix-cache-scorer")
     {
-        for p in &cfg.plugins {
-            if let PluginKind::PrefixCacheScorer(pp) = &p.kind {
-                prefix.block_size_tokens = pp.block_size_tokens.max(1) as usize;
-            }
+        if let Some(p) = cfg.plugins.iter().find_map(|p| match &p.kind {
+            PluginKind::PrefixCacheScorer(p) => Some(p),
+            _ => None,
+        }) {
+            prefix = prefix_config(p);
         }
     }
     let saturation = match cfg.plugin(&cfg.saturation_detector).map(|p| &p.kind) {
@@ -141,6 +132,22 @@ pub fn scheduler_config(
         inflight_accounting: true,
         strict_models: false,
     })
+}
+
+/// The prefix index's settings from a `prefix-cache-scorer`'s parameters.
+fn prefix_config(p: &PrefixCacheParams) -> PrefixConfig {
+    let block_size_tokens = match p.block_size {
+        // Legacy `blockSize` is in characters.
+        Some(chars) => (chars as usize).div_ceil(CHARS_PER_TOKEN).max(1),
+        None => p.block_size_tokens.max(1) as usize,
+    };
+    PrefixConfig {
+        block_size_tokens,
+        max_blocks: p.max_prefix_blocks_to_match.max(1) as usize,
+        lru_capacity_per_endpoint: p.lru_capacity_per_server.max(1) as usize,
+        max_total_entries: p.max_index_entries.max(1) as usize,
+        auto_tune: p.auto_tune,
+    }
 }
 
 /// Endpoint specs of a pool file.

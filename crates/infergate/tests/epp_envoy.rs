@@ -46,6 +46,43 @@ async fn backend_with_long_queue_gets_no_traffic_while_others_idle() {
         seen[1] > 0 && seen[2] > 0,
         "idle backends should share: {seen:?}"
     );
+    // Every decision and every plugin call shows in the picker's metrics.
+    let m = rig.epp.metrics_text().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "inference_extension_scheduler_e2e_duration_seconds_count"
+        ),
+        30.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "inference_objective_request_total{"),
+        30.0,
+        "{m}"
+    );
+    let queue_timed = m
+        .lines()
+        .find(|l| {
+            l.starts_with("inference_extension_plugin_duration_seconds_count")
+                && l.contains("plugin_type=\"queue-scorer\"")
+        })
+        .unwrap_or_else(|| panic!("no queue-scorer timing in\n{m}"));
+    assert!(queue_timed.ends_with(" 30"), "{queue_timed}");
+    assert!(m.contains("\ninference_extension_info{"), "{m}");
+    // Pool gauges refresh every second.
+    let mut ready = String::new();
+    for _ in 0..30 {
+        ready = rig.epp.metrics_text().await;
+        if ready.contains("\ninference_pool_ready_pods{name=\"infergate\"} 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready.contains("\ninference_pool_ready_pods{name=\"infergate\"} 3"),
+        "{ready}"
+    );
 }
 
 const LORA_CONFIG: &str = r#"

@@ -223,6 +223,11 @@ impl Metrics {
             m.scheduler_e2e_duration_seconds.clone(),
         );
         r.register(
+            "inference_extension_plugin_duration_seconds",
+            "Time spent in one scheduling plugin",
+            m.plugin_duration_seconds.clone(),
+        );
+        r.register(
             "inference_extension_prefix_indexer_size",
             "Entries in the prefix index",
             m.prefix_indexer_size.clone(),
@@ -238,7 +243,8 @@ impl Metrics {
             m.prefix_indexer_hit_ratio.clone(),
         );
         r.register(
-            "inference_extension_info",
+            // prometheus-client adds the `_info` suffix itself.
+            "inference_extension",
             "Build information",
             Info::new(vec![
                 ("commit", env!("CARGO_PKG_VERSION")),
