@@ -152,21 +152,27 @@ fn score_lower_is_better(
     out: &mut [f64],
     value: impl Fn(&EndpointView<'_>) -> f64,
 ) {
+    normalise_lower_is_better(views, cands, out, |v| v.fresh.then(|| value(v)));
+}
+
+/// `(max - x) / (max - min)` over the candidates that have a value; 1 when all equal; 0
+/// for those without one.
+fn normalise_lower_is_better(
+    views: &[EndpointView<'_>],
+    cands: &[usize],
+    out: &mut [f64],
+    value: impl Fn(&EndpointView<'_>) -> Option<f64>,
+) {
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    for &i in cands {
-        if views[i].fresh {
-            let v = value(&views[i]);
-            min = min.min(v);
-            max = max.max(v);
-        }
+    for v in cands.iter().filter_map(|&i| value(&views[i])) {
+        min = min.min(v);
+        max = max.max(v);
     }
     for (o, &i) in out.iter_mut().zip(cands) {
-        *o = if !views[i].fresh {
-            0.0
-        } else if max > min {
-            (max - value(&views[i])) / (max - min)
-        } else {
-            1.0
+        *o = match value(&views[i]) {
+            None => 0.0,
+            Some(v) if max > min => (max - v) / (max - min),
+            Some(_) => 1.0,
         };
     }
 }
@@ -306,23 +312,8 @@ impl Scorer for TokenLoadScorer {
         cands: &[usize],
         out: &mut [f64],
     ) {
-        let max = cands
-            .iter()
-            .map(|&i| views[i].inflight_tokens)
-            .max()
-            .unwrap_or(0);
-        let min = cands
-            .iter()
-            .map(|&i| views[i].inflight_tokens)
-            .min()
-            .unwrap_or(0);
-        for (o, &i) in out.iter_mut().zip(cands) {
-            *o = if max > min {
-                (max - views[i].inflight_tokens) as f64 / (max - min) as f64
-            } else {
-                1.0
-            };
-        }
+        // In-flight counts are the picker's own, fresh whatever the scrape's age.
+        normalise_lower_is_better(views, cands, out, |v| Some(v.inflight_tokens as f64));
     }
 }
 
@@ -341,23 +332,7 @@ impl Scorer for InflightLoadScorer {
         cands: &[usize],
         out: &mut [f64],
     ) {
-        let max = cands
-            .iter()
-            .map(|&i| views[i].inflight_requests)
-            .max()
-            .unwrap_or(0);
-        let min = cands
-            .iter()
-            .map(|&i| views[i].inflight_requests)
-            .min()
-            .unwrap_or(0);
-        for (o, &i) in out.iter_mut().zip(cands) {
-            *o = if max > min {
-                (max - views[i].inflight_requests) as f64 / (max - min) as f64
-            } else {
-                1.0
-            };
-        }
+        normalise_lower_is_better(views, cands, out, |v| Some(v.inflight_requests as f64));
     }
 }
 
@@ -819,6 +794,30 @@ mod tests {
         let mut cands = vec![0, 1, 2, 3];
         LoraAffinityFilter.filter(&req, &v, &mut cands);
         assert_eq!(cands, vec![0]);
+    }
+
+    #[test]
+    fn inflight_scorers_rank_by_the_pickers_own_counts_even_when_stale() {
+        let eps = [
+            mk_endpoint(1, 0, 0, 0.0),
+            mk_endpoint(2, 0, 0, 0.0),
+            mk_endpoint(3, 0, 0, 0.0),
+        ];
+        for (e, n) in eps.iter().zip([0, 2, 4]) {
+            for _ in 0..n {
+                e.add_inflight(100);
+            }
+        }
+        // Long after the last scrape: load scorers give up, in-flight ones still rank.
+        let late = NOW + Duration::from_secs(60);
+        let v: Vec<_> = eps
+            .iter()
+            .map(|e| EndpointView::new(e, late, STALE))
+            .collect();
+        let req = RequestFacts::default();
+        assert_eq!(scores(&InflightLoadScorer, &req, &v), vec![1.0, 0.5, 0.0]);
+        assert_eq!(scores(&TokenLoadScorer, &req, &v), vec![1.0, 0.5, 0.0]);
+        assert_eq!(scores(&QueueScorer, &req, &v), vec![0.0, 0.0, 0.0]);
     }
 
     #[test]
