@@ -157,6 +157,14 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
         args.metrics_staleness_threshold,
     )?;
     sched.strict_models = args.strict_models;
+    if cfg.flow_control.is_some() || cfg.feature_gates.iter().any(|g| g == "flowControl") {
+        // Say it loudly rather than pretend: queueing by fairness and priority bands is not
+        // built yet; saturation shedding by priority still applies.
+        tracing::warn!(
+            "the config enables flowControl, which infergate does not implement yet; \
+             requests are not queued, and priority < 0 is shed with 429 while the pool is saturated"
+        );
+    }
     let conformance = cfg
         .plugins
         .iter()
