@@ -11,11 +11,19 @@
 //! ```sh
 //! cargo build --release -p infergate --bin infergate --example envoy_overhead
 //! target/release/examples/envoy_overhead [--rate 200] [--secs 15] [--warmup-secs 3] [--b-first]
-//!     [--response-body-none]
+//!     [--response-body-none] [--floor]
 //! ```
 //!
 //! `--response-body-none` sets the filter's response body mode to NONE (the picker still sees
 //! response headers), to show what the response-body round trips cost.
+//!
+//! `--floor` adds two phases with the same load and bodies, to show the ext_proc floor in this
+//! harness: (c) Envoy + a trivial ext_proc picker running in this process (request body
+//! BUFFERED, response body NONE; request headers answered with an empty CONTINUE, the buffered
+//! body with a fixed `x-gateway-destination-endpoint` and a cleared route cache; no parsing),
+//! and (d) Envoy + the release `infergate epp` with exactly the same filter modes, so that
+//! c and d differ only by the picker. Envoy always sends response headers to the processor
+//! here; the trivial picker answers them with an empty HeadersResponse.
 //!
 //! `INFERGATE_BIN` overrides the picker binary (default `<target>/release/infergate`).
 
@@ -26,10 +34,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request, processing_response, BodyResponse, CommonResponse, HeaderMutation,
+    HeadersResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
+};
 use infergate_testkit::{
-    free_port, wait_for_port, BodyMode, Envoy, EnvoyConfig, FakeModelServer, HttpClient,
+    envoy::DESTINATION_HEADER, free_port, wait_for_port, BodyMode, Envoy, EnvoyConfig,
+    FakeModelServer, HttpClient,
 };
 use tokio::sync::Mutex;
+use tokio_stream::wrappers::ReceiverStream;
 
 struct Args {
     rate: f64,
@@ -37,6 +55,7 @@ struct Args {
     warmup_secs: f64,
     b_first: bool,
     response_body_none: bool,
+    floor: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -46,6 +65,7 @@ fn args() -> anyhow::Result<Args> {
         warmup_secs: 3.0,
         b_first: false,
         response_body_none: false,
+        floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -61,8 +81,9 @@ fn args() -> anyhow::Result<Args> {
             "--warmup-secs" => a.warmup_secs = val()?,
             "--b-first" => a.b_first = true,
             "--response-body-none" => a.response_body_none = true,
+            "--floor" => a.floor = true,
             other => anyhow::bail!(
-                "unknown argument {other:?} (known: --rate R, --secs S, --warmup-secs S, --b-first, --response-body-none)"
+                "unknown argument {other:?} (known: --rate R, --secs S, --warmup-secs S, --b-first, --response-body-none, --floor)"
             ),
         }
     }
@@ -120,6 +141,105 @@ async fn start_epp(backend: SocketAddr) -> anyhow::Result<Epp> {
     // Let the first scrapes land.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(epp)
+}
+
+/// The floor picker of phase (c): every request goes to one fixed endpoint, nothing parsed.
+/// Request headers get an empty CONTINUE; the (BUFFERED) request body gets the destination
+/// header with a cleared route cache; anything else an empty answer of its kind.
+#[derive(Clone)]
+struct TrivialPicker {
+    destination: Vec<u8>,
+}
+
+fn reply(response: processing_response::Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        ..Default::default()
+    }
+}
+
+impl TrivialPicker {
+    fn body_reply(&self) -> ProcessingResponse {
+        reply(processing_response::Response::RequestBody(BodyResponse {
+            response: Some(CommonResponse {
+                header_mutation: Some(HeaderMutation {
+                    set_headers: vec![HeaderValueOption {
+                        header: Some(HeaderValue {
+                            key: DESTINATION_HEADER.to_owned(),
+                            raw_value: self.destination.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                clear_route_cache: true,
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for TrivialPicker {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, tonic::Status>>;
+
+    async fn process(
+        &self,
+        request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
+    ) -> Result<tonic::Response<Self::ProcessStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let picker = self.clone();
+        tokio::spawn(async move {
+            use processing_request::Request as In;
+            use processing_response::Response as Out;
+            while let Ok(Some(msg)) = inbound.message().await {
+                let out = match msg.request {
+                    Some(In::RequestHeaders(_)) => {
+                        reply(Out::RequestHeaders(HeadersResponse::default()))
+                    }
+                    Some(In::RequestBody(_)) => picker.body_reply(),
+                    Some(In::RequestTrailers(_)) => {
+                        reply(Out::RequestTrailers(TrailersResponse::default()))
+                    }
+                    Some(In::ResponseHeaders(_)) => {
+                        reply(Out::ResponseHeaders(HeadersResponse::default()))
+                    }
+                    Some(In::ResponseBody(_)) => reply(Out::ResponseBody(BodyResponse::default())),
+                    Some(In::ResponseTrailers(_)) => {
+                        reply(Out::ResponseTrailers(TrailersResponse::default()))
+                    }
+                    None => continue,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves [`TrivialPicker`] on 127.0.0.1 in this process; returns its gRPC address. Same
+/// server settings as `infergate epp` (TCP_NODELAY via `serve`, fixed 4 MB stream and 16 MB
+/// connection windows), so that only the picker differs.
+async fn start_trivial_picker(destination: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let picker = TrivialPicker {
+        destination: destination.to_string().into_bytes(),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .add_service(
+                ExternalProcessorServer::new(picker).max_decoding_message_size(64 * 1024 * 1024),
+            )
+            .serve(addr),
+    );
+    wait_for_port(addr, Duration::from_secs(10)).await?;
+    Ok(addr)
 }
 
 /// utime + stime of a process in seconds (`/proc/<pid>/stat`, 100 ticks per second).
@@ -275,122 +395,182 @@ fn print_row(label: &str, p: &Phase) {
     );
 }
 
+/// One path under test: its letter (a, b, c, d), what it is, its Envoy and the process that
+/// does the picking (for the CPU column; "self" for the in-process trivial picker).
+struct Path {
+    letter: char,
+    label: &'static str,
+    envoy: Envoy,
+    picker_pid: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
-    let backend = FakeModelServer::start("b0").await?;
-    // The fake server records every request; forget them so 220 KB bodies do not pile up.
-    let recorder = {
-        let b = Arc::new(backend);
-        let b2 = b.clone();
-        (
-            b,
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    b2.clear_requests();
-                }
-            }),
-        )
-    };
-    let backend = recorder.0.clone();
+    let backend = Arc::new(FakeModelServer::start("b0").await?);
     let epp = start_epp(backend.addr()).await?;
-    let direct = Envoy::start(EnvoyConfig::new().without_ext_proc().pool([backend.addr()])).await?;
-    let picked = Envoy::start(
-        EnvoyConfig::new()
-            .ext_proc(epp.grpc)
-            .request_body_mode(BodyMode::FullDuplexStreamed)
-            .response_body_mode(if a.response_body_none {
-                BodyMode::None
-            } else {
-                BodyMode::FullDuplexStreamed
-            })
-            .pool([backend.addr()]),
-    )
-    .await?;
+    let epp_pid = epp.child.id().to_string();
+    let mut paths = vec![
+        Path {
+            letter: 'a',
+            label: "a envoy direct",
+            envoy: Envoy::start(EnvoyConfig::new().without_ext_proc().pool([backend.addr()]))
+                .await?,
+            picker_pid: epp_pid.clone(),
+        },
+        Path {
+            letter: 'b',
+            label: "b envoy+epp",
+            envoy: Envoy::start(
+                EnvoyConfig::new()
+                    .ext_proc(epp.grpc)
+                    .request_body_mode(BodyMode::FullDuplexStreamed)
+                    .response_body_mode(if a.response_body_none {
+                        BodyMode::None
+                    } else {
+                        BodyMode::FullDuplexStreamed
+                    })
+                    .pool([backend.addr()]),
+            )
+            .await?,
+            picker_pid: epp_pid.clone(),
+        },
+    ];
+    if a.b_first {
+        paths.swap(0, 1);
+    }
+    if a.floor {
+        let trivial = start_trivial_picker(backend.addr()).await?;
+        let buffered = || {
+            EnvoyConfig::new()
+                .request_body_mode(BodyMode::Buffered)
+                .response_body_mode(BodyMode::None)
+                .pool([backend.addr()])
+        };
+        paths.push(Path {
+            letter: 'c',
+            label: "c envoy+trivial (BUF)",
+            envoy: Envoy::start(buffered().ext_proc(trivial)).await?,
+            picker_pid: "self".to_string(),
+        });
+        paths.push(Path {
+            letter: 'd',
+            label: "d envoy+epp (BUF)",
+            envoy: Envoy::start(buffered().ext_proc(epp.grpc)).await?,
+            picker_pid: epp_pid.clone(),
+        });
+    }
     let client = HttpClient::new();
+    let envoy_pids: Vec<String> = paths
+        .iter()
+        .map(|p| format!("{}={}", p.letter, p.envoy.pid()))
+        .collect();
     println!(
-        "envoy_overhead: rate {} req/s, {} s per phase after {} s warm-up, order {}, response body mode {}; picker pid {}, envoy pids a={} b={}",
+        "envoy_overhead: rate {} req/s, {} s per phase after {} s warm-up, order {}, (b) response body mode {}; picker pid {}, envoy pids {}",
         a.rate,
         a.secs,
         a.warmup_secs,
-        if a.b_first { "b,a" } else { "a,b" },
+        paths.iter().map(|p| p.letter.to_string()).collect::<Vec<_>>().join(","),
         if a.response_body_none { "NONE" } else { "FULL_DUPLEX_STREAMED" },
-        epp.child.id(),
-        direct.pid(),
-        picked.pid()
+        epp_pid,
+        envoy_pids.join(" "),
     );
-    // Check both paths really route, and that (b) went through the picker.
-    for (name, envoy) in [("a", &direct), ("b", &picked)] {
+    // Check every path really routes, and that only (a) skipped a picker: the pickers set the
+    // destination header, which Envoy forwards upstream.
+    for p in &paths {
+        backend.clear_requests();
         let (status, headers, _) = client
             .post_json(
-                &envoy.url(),
+                &p.envoy.url(),
                 "/v1/completions",
                 &[],
                 small_bodies()[0].clone(),
             )
             .await?;
-        anyhow::ensure!(status == 200, "path {name} answered {status}");
+        anyhow::ensure!(status == 200, "path {} answered {status}", p.letter);
         anyhow::ensure!(
             headers.get("x-served-by").is_some(),
-            "path {name}: no x-served-by"
+            "path {}: no x-served-by",
+            p.letter
+        );
+        let dest = backend
+            .requests()
+            .last()
+            .and_then(|r| r.header(DESTINATION_HEADER).map(str::to_owned));
+        anyhow::ensure!(
+            dest.is_some() == (p.letter != 'a'),
+            "path {}: destination header upstream: {dest:?}",
+            p.letter
         );
     }
+    // The fake server records every request; forget them so 220 KB bodies do not pile up.
+    let recorder = {
+        let b = backend.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                b.clear_requests();
+            }
+        })
+    };
     println!(
-        "{:<34} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8}   CPU% epp/envoy/client+server",
+        "{:<34} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8}   CPU% picker/envoy/client+server",
         "phase", "ok", "err", "req/s", "p50 ms", "p90 ms", "p99 ms", "mean ms",
     );
     for (size, bodies) in [
         ("small ~200 B", small_bodies()),
         ("large ~220 KB", large_bodies()),
     ] {
-        let order: [(&str, &Envoy); 2] = if a.b_first {
-            [("b envoy+epp", &picked), ("a envoy direct", &direct)]
-        } else {
-            [("a envoy direct", &direct), ("b envoy+epp", &picked)]
-        };
-        let mut p50 = [0.0; 2];
-        for (label, envoy) in order {
+        let mut p50 = [f64::NAN; 4];
+        for p in &paths {
             let pids = [
-                epp.child.id().to_string(),
-                envoy.pid().to_string(),
+                p.picker_pid.clone(),
+                p.envoy.pid().to_string(),
                 "self".to_string(),
             ];
+            let url = p.envoy.url();
             if a.warmup_secs > 0.0 {
-                run_phase(
-                    &client,
-                    &envoy.url(),
-                    &bodies,
-                    a.rate,
-                    a.warmup_secs,
-                    pids.clone(),
-                )
-                .await;
+                run_phase(&client, &url, &bodies, a.rate, a.warmup_secs, pids.clone()).await;
             }
-            let p = run_phase(&client, &envoy.url(), &bodies, a.rate, a.secs, pids).await;
-            print_row(&format!("{size}, {label}"), &p);
-            p50[usize::from(label.starts_with('b'))] = p.q(0.5);
+            let ph = run_phase(&client, &url, &bodies, a.rate, a.secs, pids).await;
+            print_row(&format!("{size}, {}", p.label), &ph);
+            p50[(p.letter as u8 - b'a') as usize] = ph.q(0.5);
         }
+        if a.floor {
+            println!(
+                "{:<34} added median: c - a {:.3} ms, d - a {:.3} ms, b - a {:.3} ms",
+                size,
+                p50[2] - p50[0],
+                p50[3] - p50[0],
+                p50[1] - p50[0]
+            );
+        } else {
+            println!(
+                "{:<34} added median (b - a): {:.3} ms",
+                size,
+                p50[1] - p50[0]
+            );
+        }
+    }
+    for p in paths.iter().filter(|p| p.letter != 'a') {
+        let stats = p.envoy.stats("ext_proc").await.unwrap_or_default();
+        let interesting: Vec<&str> = stats
+            .lines()
+            .filter(|l| {
+                l.contains("streams_started")
+                    || l.contains("streams_failed")
+                    || l.contains("failure_mode_allowed")
+                    || l.contains("message_timeouts")
+            })
+            .collect();
         println!(
-            "{:<34} added median (b - a): {:.3} ms",
-            size,
-            p50[1] - p50[0]
+            "envoy ({}) ext_proc stats: {}",
+            p.letter,
+            interesting.join("; ")
         );
     }
-    let stats = picked.stats("ext_proc").await.unwrap_or_default();
-    let interesting: Vec<&str> = stats
-        .lines()
-        .filter(|l| {
-            l.contains("streams_started")
-                || l.contains("streams_failed")
-                || l.contains("failure_mode_allowed")
-                || l.contains("message_timeouts")
-        })
-        .collect();
-    println!("envoy (b) ext_proc stats: {}", interesting.join("; "));
-    recorder.1.abort();
-    drop(picked);
-    drop(direct);
+    recorder.abort();
+    drop(paths);
     drop(epp);
     Ok(())
 }
