@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use xxhash_rust::xxh64::xxh64;
 
 use crate::hist::{Histogram, ITL_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS};
@@ -247,16 +247,74 @@ impl Req {
     }
 }
 
+/// Requests in slots: ids are `generation << 32 | slot`, so lookups are an index, and an id
+/// of a finished request never finds its slot's next occupant.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<(u32, Option<Req>)>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn insert(&mut self, r: Req) -> RequestId {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push((0, None));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let e = &mut self.slots[slot as usize];
+        e.0 = e.0.wrapping_add(1);
+        e.1 = Some(r);
+        ((e.0 as u64) << 32) | slot as u64
+    }
+
+    fn get_mut(&mut self, id: &RequestId) -> Option<&mut Req> {
+        match self.slots.get_mut((*id as u32) as usize) {
+            Some((g, Some(r))) if *g == (*id >> 32) as u32 => Some(r),
+            _ => None,
+        }
+    }
+
+    fn get(&self, id: &RequestId) -> Option<&Req> {
+        match self.slots.get((*id as u32) as usize) {
+            Some((g, Some(r))) if *g == (*id >> 32) as u32 => Some(r),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, id: &RequestId) -> Option<Req> {
+        self.get(id)?;
+        let slot = *id as u32;
+        self.free.push(slot);
+        self.slots[slot as usize].1.take()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Req> {
+        self.slots.iter().filter_map(|(_, r)| r.as_ref())
+    }
+}
+
+impl std::ops::Index<&RequestId> for Slab {
+    type Output = Req;
+    fn index(&self, id: &RequestId) -> &Req {
+        self.get(id).expect("live request id")
+    }
+}
+
 /// One simulated model server.
 pub struct Engine {
     cfg: EngineConfig,
     pool: BlockPool,
-    reqs: FxHashMap<RequestId, Req>,
+    reqs: Slab,
+    /// Requests with an adapter, waiting or running; the LoRA bookkeeping is skipped at 0.
+    lora_reqs: u32,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
-    next_id: RequestId,
     rng: SmallRng,
     in_flight: Option<(StepPlan, Vec<(RequestId, u32)>)>,
+    batch_buf: Vec<(RequestId, u32)>,
     /// Adapters in GPU slots and in host memory, most recently used last.
     gpu_loras: Vec<Arc<str>>,
     cpu_loras: Vec<Arc<str>>,
@@ -272,12 +330,13 @@ impl Engine {
         Engine {
             pool: BlockPool::new(cfg.num_gpu_blocks),
             cfg,
-            reqs: FxHashMap::default(),
+            reqs: Slab::default(),
+            lora_reqs: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            next_id: 1,
             rng: SmallRng::seed_from_u64(seed),
             in_flight: None,
+            batch_buf: Vec::new(),
             gpu_loras: Vec::new(),
             cpu_loras: Vec::new(),
             counters: Counters {
@@ -322,8 +381,6 @@ impl Engine {
     /// Queues a request arriving at `now`. The caller checks [`check_length`](Self::check_length)
     /// first; a request that breaks it is clamped rather than left to block the queue.
     pub fn add(&mut self, req: SimRequest, now: f64) -> RequestId {
-        let id = self.next_id;
-        self.next_id += 1;
         let max_model_len = self.cfg.max_model_len;
         let prompt_len = req
             .prompt
@@ -349,27 +406,27 @@ impl Engine {
                 *h = xxh64(&h.to_le_bytes(), salt);
             }
         }
-        self.reqs.insert(
-            id,
-            Req {
-                prompt_len,
-                hashes,
-                target,
-                max_tokens,
-                output: 0,
-                computed: 0,
-                blocks: Vec::new(),
-                lora: req.lora,
-                state: State::Waiting,
-                arrival: now,
-                first_scheduled: None,
-                first_token: 0.0,
-                last_token: 0.0,
-                cached_tokens: 0,
-                preemptions: 0,
-                aborted: false,
-            },
-        );
+        if req.lora.is_some() {
+            self.lora_reqs += 1;
+        }
+        let id = self.reqs.insert(Req {
+            prompt_len,
+            hashes,
+            target,
+            max_tokens,
+            output: 0,
+            computed: 0,
+            blocks: Vec::new(),
+            lora: req.lora,
+            state: State::Waiting,
+            arrival: now,
+            first_scheduled: None,
+            first_token: 0.0,
+            last_token: 0.0,
+            cached_tokens: 0,
+            preemptions: 0,
+            aborted: false,
+        });
         self.waiting.push_back(id);
         id
     }
@@ -396,7 +453,7 @@ impl Engine {
             State::Waiting => self.waiting.retain(|&w| w != id),
             State::Running => self.running.retain(|&w| w != id),
         }
-        self.pool.free(&r.blocks);
+        self.release(r);
         true
     }
 
@@ -418,7 +475,8 @@ impl Engine {
         }
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut batch: Vec<(RequestId, u32)> = Vec::with_capacity(self.running.len() + 8);
+        let mut batch = std::mem::take(&mut self.batch_buf);
+        batch.clear();
         let mut preempted = false;
 
         // 1. Running requests, in order.
@@ -451,11 +509,14 @@ impl Engine {
 
         // 2. Waiting requests, unless this step preempted someone.
         if !preempted {
-            let mut loras: FxHashSet<Arc<str>> = self
-                .running
-                .iter()
-                .filter_map(|id| self.reqs[id].lora.clone())
-                .collect();
+            let mut loras: FxHashSet<Arc<str>> = FxHashSet::default();
+            if self.lora_reqs > 0 {
+                loras.extend(
+                    self.running
+                        .iter()
+                        .filter_map(|id| self.reqs[id].lora.clone()),
+                );
+            }
             let mut j = 0;
             while j < self.waiting.len()
                 && budget > 0
@@ -510,6 +571,7 @@ impl Engine {
         }
 
         if batch.is_empty() {
+            self.batch_buf = batch;
             return None;
         }
 
@@ -550,7 +612,7 @@ impl Engine {
     /// Completes the step in flight at its end time, appending what each request produced
     /// to `out`. Does nothing when no step is in flight.
     pub fn finish_step(&mut self, out: &mut Vec<Output>) {
-        let Some((plan, batch)) = self.in_flight.take() else {
+        let Some((plan, mut batch)) = self.in_flight.take() else {
             return;
         };
         let now = plan.end;
@@ -558,12 +620,12 @@ impl Engine {
         self.counters.steps += 1;
         self.counters.busy_time += plan.end - plan.start;
         let mut done = Vec::new();
-        for (id, n) in batch {
+        for (id, n) in batch.drain(..) {
             let r = self.reqs.get_mut(&id).expect("scheduled request exists");
             if r.aborted {
                 let r = self.reqs.remove(&id).expect("present");
                 self.running.retain(|&w| w != id);
-                self.pool.free(&r.blocks);
+                self.release(r);
                 continue;
             }
             let full_before = (r.computed / bs) as usize;
@@ -623,8 +685,16 @@ impl Engine {
             self.running.retain(|id| !done.contains(id));
             for id in done {
                 let r = self.reqs.remove(&id).expect("present");
-                self.pool.free(&r.blocks);
+                self.release(r);
             }
+        }
+        self.batch_buf = batch;
+    }
+
+    fn release(&mut self, r: Req) {
+        self.pool.free(&r.blocks);
+        if r.lora.is_some() {
+            self.lora_reqs -= 1;
         }
     }
 
@@ -674,9 +744,28 @@ impl Engine {
         secs
     }
 
+    /// Requests in the running batch.
+    pub fn num_running(&self) -> u32 {
+        self.running.len() as u32
+    }
+
+    /// Requests waiting to be admitted (including preempted ones).
+    pub fn num_waiting(&self) -> u32 {
+        self.waiting.len() as u32
+    }
+
     /// Gauges as of now.
     pub fn stats(&self) -> EngineStats {
         let mut running_loras: Vec<Arc<str>> = Vec::new();
+        if self.lora_reqs == 0 {
+            return EngineStats {
+                num_running: self.running.len() as u32,
+                num_waiting: self.waiting.len() as u32,
+                kv_usage: self.pool.usage(),
+                running_loras,
+                waiting_loras: Vec::new(),
+            };
+        }
         for id in &self.running {
             if let Some(l) = &self.reqs[id].lora {
                 if !running_loras.contains(l) {

@@ -28,10 +28,14 @@ pub fn tokenize_into(text: &str, out: &mut Vec<u32>) {
             if c == b' ' {
                 i += 1;
             }
+            let word = i;
             while i < b.len() && b[i].is_ascii_alphanumeric() {
                 i += 1;
             }
-            for piece in b[start..i].chunks(5) {
+            // The leading space rides with the first piece.
+            let first = (word + 5).min(i);
+            out.push(piece_id(&b[start..first]));
+            for piece in b[first..i].chunks(5) {
                 out.push(piece_id(piece));
             }
         } else if c == b' ' {
@@ -164,8 +168,8 @@ mod tests {
     #[test]
     fn shared_text_prefix_gives_shared_block_hashes() {
         let sys = "You are a helpful assistant. ".repeat(20);
-        let a = tokenize(&(sys.clone() + "What is the capital of France?"));
-        let b = tokenize(&(sys + "Write a poem about the sea, please."));
+        let a = tokenize(&(sys.clone() + &"What is the capital of France? ".repeat(8)));
+        let b = tokenize(&(sys + &"Write a poem about the sea, please. ".repeat(8)));
         let (pa, pb) = (Prompt::from_ids(&a, 16), Prompt::from_ids(&b, 16));
         let common = pa
             .block_hashes
