@@ -2,6 +2,7 @@
 
 mod epp;
 mod pool_source;
+mod sim;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the Gateway API Inference Extension endpoint picker (Envoy ext_proc server).
     Epp(Box<epp::EppArgs>),
+    /// Run simulated vLLM replicas (OpenAI API, vLLM /metrics, injectable faults).
+    Sim(Box<sim::SimArgs>),
     /// Check configuration files and print what they mean, without serving.
     Config {
         #[command(subcommand)]
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Epp(args) => epp::run(*args),
+        Command::Sim(args) => sim::run(*args),
         Command::Config {
             command:
                 ConfigCommand::Check {
