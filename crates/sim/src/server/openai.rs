@@ -331,7 +331,9 @@ pub(crate) async fn generate(
             started: false,
             tail: VecDeque::new(),
             done: false,
+            head: String::new(),
         };
+        let stream = stream.with_head();
         let mut resp = Response::new(stream.boxed());
         resp.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
@@ -403,6 +405,9 @@ struct TokenStream {
     /// Events queued after the last token: usage and `[DONE]`.
     tail: VecDeque<Bytes>,
     done: bool,
+    /// Every token event's bytes up to the choice's fields, serialised once per stream:
+    /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[{"index":0,`.
+    head: String,
 }
 
 impl TokenStream {
@@ -421,18 +426,49 @@ impl TokenStream {
         Bytes::from(format!("data: {chunk}\n\n"))
     }
 
-    fn token_event(&self, out: &Output) -> Bytes {
-        let w = word(self.meta.seed, out.token_index);
-        let reason = out.finished.map(|f| f.reason.as_str());
-        let choice = match self.meta.api {
-            Api::Completions => json!({
-                "index": 0, "text": w, "logprobs": null, "finish_reason": reason, "stop_reason": null,
-            }),
-            Api::Chat => json!({
-                "index": 0, "delta": {"content": w}, "logprobs": null, "finish_reason": reason,
-            }),
+    fn with_head(mut self) -> Self {
+        let object = match self.meta.api {
+            Api::Completions => "text_completion",
+            Api::Chat => "chat.completion.chunk",
         };
-        self.event(json!([choice]), None)
+        let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
+        self.head = format!(
+            "data: {{\"id\":{},\"object\":\"{object}\",\"created\":{},\"model\":{},\"choices\":[{{\"index\":0,",
+            q(&self.meta.id),
+            self.meta.created,
+            q(&self.meta.model)
+        );
+        self
+    }
+
+    /// One token's event, written straight into bytes: this runs for every token of every
+    /// stream, and building a `serde_json::Value` for it was the simulator's main cost.
+    fn token_event(&self, out: &Output) -> Bytes {
+        // The filler words are plain ASCII letters and spaces: no JSON escaping needed.
+        let w = word(self.meta.seed, out.token_index);
+        let reason = match out.finished {
+            Some(f) => ["\"", f.reason.as_str(), "\""].concat(),
+            None => "null".to_owned(),
+        };
+        let mut b = String::with_capacity(self.head.len() + 96);
+        b.push_str(&self.head);
+        match self.meta.api {
+            Api::Completions => {
+                b.push_str("\"text\":\"");
+                b.push_str(w);
+                b.push_str("\",\"logprobs\":null,\"finish_reason\":");
+                b.push_str(&reason);
+                b.push_str(",\"stop_reason\":null}]}\n\n");
+            }
+            Api::Chat => {
+                b.push_str("\"delta\":{\"content\":\"");
+                b.push_str(w);
+                b.push_str("\"},\"logprobs\":null,\"finish_reason\":");
+                b.push_str(&reason);
+                b.push_str("}]}\n\n");
+            }
+        }
+        Bytes::from(b)
     }
 }
 
