@@ -329,3 +329,19 @@ fn every_profile_meets_its_published_figures() {
         }
     }
 }
+
+#[test]
+fn a_step_never_admits_a_request_that_arrived_after_it_began() {
+    // A real-time driver running late starts a step at its planned time, before requests
+    // that came in during the lag; they must wait for the next step, or their TTFT would
+    // come out shorter than the step that computed it.
+    let mut e = Engine::new(cfg(), 1);
+    e.add(req(100, 5, 0, 0, 1), 1.0);
+    assert!(e.begin_step(0.5).is_none());
+    assert!(!e.is_idle());
+    let plan = e.begin_step(1.0).expect("admitted at its arrival time");
+    let mut out = Vec::new();
+    e.finish_step(&mut out);
+    assert_eq!(out.len(), 1);
+    assert!(e.counters().ttft.sum >= plan.end - plan.start - 1e-12);
+}

@@ -28,7 +28,6 @@ pub const LAG_BUCKETS: &[f64] = &[
 pub struct LagStats {
     pub hist: Histogram,
     pub resyncs: u64,
-    last_warn: Option<Instant>,
     resyncs_at_warn: u64,
 }
 
@@ -37,7 +36,6 @@ impl LagStats {
         LagStats {
             hist: Histogram::new(LAG_BUCKETS),
             resyncs: 0,
-            last_warn: None,
             resyncs_at_warn: 0,
         }
     }
@@ -49,15 +47,18 @@ impl LagStats {
             return false;
         }
         self.resyncs += 1;
-        if self.last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+        // One warning per process per period, however many replicas fall behind together.
+        static LAST_WARN: parking_lot::Mutex<Option<Instant>> = parking_lot::Mutex::new(None);
+        let mut last = LAST_WARN.lock();
+        if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *last = Some(Instant::now());
             tracing::warn!(
                 lag_ms = lag * 1e3,
-                resyncs_since_last_warning = self.resyncs - self.resyncs_at_warn,
+                replica_resyncs_since_its_last_warning = self.resyncs - self.resyncs_at_warn,
                 time_scale,
                 "simulator fell behind real time and restarted its clock; the replica runs slower \
                  than its profile (lower --time-scale or give it more CPU)"
             );
-            self.last_warn = Some(Instant::now());
             self.resyncs_at_warn = self.resyncs;
         }
         true
@@ -83,7 +84,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let plan = {
             let mut core = shared.core.lock();
             let start = carry.take().unwrap_or_else(|| shared.now());
-            core.engine.begin_step(start)
+            match core.engine.begin_step(start) {
+                // Only requests that arrived after the planned start are waiting: start now.
+                None if !core.engine.is_idle() => core.engine.begin_step(shared.now()),
+                plan => plan,
+            }
         };
         let Some(plan) = plan else {
             tokio::select! {
