@@ -122,9 +122,14 @@ async fn run(a: Args) {
     let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     let model = v["data"][0]["id"].as_str().expect("a model").to_owned();
 
-    let prompt: Vec<u32> = (0..a.input).map(|i| 1000 + i).collect();
+    let prompt: Vec<u32> = (0..a.input.max(2)).map(|i| 1000 + i).collect();
+    let run_salt = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let tally = Arc::new(Tally::default());
     let samples = Arc::new(parking_lot::Mutex::new(Vec::<(f64, f64)>::new()));
+    let before = replica_figures(&client, &base, a.replicas).await;
     let cpu0 = a.pid.and_then(cpu_seconds);
     let start = Instant::now();
     let mut rng = SmallRng::seed_from_u64(1);
@@ -135,9 +140,11 @@ async fn run(a: Args) {
         t += -(1.0 - rng.random::<f64>()).ln() / a.rate;
         tokio::time::sleep_until((start + Duration::from_secs_f64(t)).into()).await;
         let replica = (n % a.replicas as u64) as u16;
-        // Unique first token so prompts do not hit each other's prefix cache.
+        // Unique leading tokens so prompts hit neither each other's prefix cache nor that
+        // of an earlier run against the same replicas.
         let mut p = prompt.clone();
         p[0] = n as u32;
+        p[1] = run_salt;
         let body = serde_json::json!({
             "model": model, "prompt": p, "max_tokens": a.output, "ignore_eos": true,
             "stream": a.stream, "stream_options": {"include_usage": true},
@@ -220,10 +227,35 @@ async fn run(a: Args) {
         );
     }
 
-    // What the replicas say about themselves.
-    let (mut ttft_sum, mut ttft_n, mut lag_sum, mut lag_n, mut resyncs) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    let mut lag_over_5ms = 0.0;
-    for i in 0..a.replicas {
+    // What the replicas say about themselves, over this run only.
+    let after = replica_figures(&client, &base, a.replicas).await;
+    let d: Vec<f64> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+    let (ttft_sum, ttft_n, lag_sum, steps, on_time, resyncs) = (d[0], d[1], d[2], d[3], d[4], d[5]);
+    println!(
+        "replicas: mean TTFT {:.1} ms (engine clock); {steps:.0} steps, mean wake-up lag {:.2} ms, {:.1}% of steps more than 5 ms late, {resyncs:.0} clock resyncs",
+        ttft_sum / ttft_n.max(1.0) * 1e3,
+        lag_sum / steps.max(1.0) * 1e3,
+        (steps - on_time) / steps.max(1.0) * 100.0
+    );
+}
+
+/// Sums over the replicas' `/metrics`: TTFT sum and count, wake-up lag sum and count, steps
+/// at most 5 ms late, clock resyncs.
+async fn replica_figures(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    base: &dyn Fn(u16) -> String,
+    replicas: u16,
+) -> [f64; 6] {
+    const SERIES: [&str; 6] = [
+        "vllm:time_to_first_token_seconds_sum",
+        "vllm:time_to_first_token_seconds_count",
+        "infergate_sim_step_lag_seconds_sum",
+        "infergate_sim_step_lag_seconds_count",
+        "infergate_sim_step_lag_seconds_bucket{le=\"0.005\"}",
+        "infergate_sim_lag_resyncs_total",
+    ];
+    let mut f = [0.0; 6];
+    for i in 0..replicas {
         let Ok(r) = client
             .get(format!("{}/metrics", base(i)).parse().unwrap())
             .await
@@ -232,34 +264,21 @@ async fn run(a: Args) {
         };
         let text = r.into_body().collect().await.unwrap().to_bytes();
         for line in String::from_utf8_lossy(&text).lines() {
-            let val = |l: &str| {
-                l.rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
             };
-            if line.starts_with("vllm:time_to_first_token_seconds_sum") {
-                ttft_sum += val(line);
-            } else if line.starts_with("vllm:time_to_first_token_seconds_count") {
-                ttft_n += val(line);
-            } else if line.starts_with("infergate_sim_step_lag_seconds_sum") {
-                lag_sum += val(line);
-            } else if line.starts_with("infergate_sim_step_lag_seconds_count") {
-                lag_n += val(line);
-            } else if line.starts_with("infergate_sim_step_lag_seconds_bucket")
-                && line.contains("le=\"0.005\"")
-            {
-                lag_over_5ms -= val(line);
-            } else if line.starts_with("infergate_sim_lag_resyncs_total") {
-                resyncs += val(line);
+            // Labels other than `le` are dropped for the match: `name{..,le="x"}` -> `name{le="x"}`.
+            let key = match name.split_once('{') {
+                Some((n, labels)) => match labels.split(',').find(|l| l.starts_with("le=")) {
+                    Some(le) => format!("{n}{{{}}}", le.trim_end_matches('}')),
+                    None => n.to_owned(),
+                },
+                None => name.to_owned(),
+            };
+            if let Some(slot) = SERIES.iter().position(|s| *s == key) {
+                f[slot] += value.parse::<f64>().unwrap_or(0.0);
             }
         }
     }
-    lag_over_5ms += lag_n;
-    println!(
-        "replicas: mean TTFT {:.1} ms (engine clock); steps {lag_n:.0}, mean wake-up lag {:.2} ms, {:.1}% of steps more than 5 ms late, {resyncs:.0} clock resyncs",
-        ttft_sum / ttft_n.max(1.0) * 1e3,
-        lag_sum / lag_n.max(1.0) * 1e3,
-        lag_over_5ms / lag_n.max(1.0) * 100.0
-    );
+    f
 }
