@@ -48,19 +48,25 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
 
+    /// Tokens per KV-cache block (vLLM default 16)
     #[arg(long)]
     pub block_size: Option<u32>,
+    /// KV-cache blocks (default: the profile's, as vLLM would find at 0.9 GPU memory)
     #[arg(long, alias = "num-gpu-blocks-override")]
     pub num_gpu_blocks: Option<u32>,
+    /// Most requests in one batch (default 256)
     #[arg(long)]
     pub max_num_seqs: Option<u32>,
+    /// Token budget of one step, prefill chunks included (default 8192)
     #[arg(long)]
     pub max_num_batched_tokens: Option<u32>,
     /// Default: the profile's, capped at what the KV cache holds.
     #[arg(long)]
     pub max_model_len: Option<u32>,
+    /// Turn automatic prefix caching off
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Adapters that may run in one batch (vLLM default 1)
     #[arg(long)]
     pub max_loras: Option<u32>,
     /// Default: max(--max-loras, 1).
