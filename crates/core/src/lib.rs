@@ -17,6 +17,7 @@ pub mod request;
 pub mod rewrite;
 pub mod saturation;
 pub mod scheduler;
+pub mod usage;
 
 pub use datastore::{Datastore, Policy, Snapshot};
 pub use director::{Decision, Director, ErrorKind, PickError, RequestInput, SchedulerConfig};

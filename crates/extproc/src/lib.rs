@@ -5,6 +5,7 @@
 
 pub mod protocol;
 pub mod service;
-pub mod usage;
+/// Response usage parsing lives in `core`, shared with the standalone gateway.
+pub use infergate_core::usage;
 
 pub use protocol::{Context, Exchange, Options};

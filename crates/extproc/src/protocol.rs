@@ -34,7 +34,7 @@ use infergate_metrics::{ErrorLabels, Metrics, ModelLabels, RequestLabels, Runnin
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
-use crate::usage::{self, SseUsage, Usage};
+use infergate_core::usage::{self, SseUsage, Usage};
 
 /// Header and metadata key naming the chosen endpoint(s).
 pub const DESTINATION_KEY: &str = "x-gateway-destination-endpoint";
