@@ -1,5 +1,6 @@
 //! The `infergate` command: thin wiring of the workspace's crates behind subcommands.
 
+mod brain;
 mod epp;
 mod pool_source;
 mod sim;

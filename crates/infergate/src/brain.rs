@@ -1,0 +1,257 @@
+//! What `infergate epp` and `infergate serve` share: the pool and scheduler flags, and the
+//! "brain" they build (datastore and its sources, scrape loop, director, metrics).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::Full;
+use infergate_api::config::{parse_go_duration, EndpointPickerConfig, PluginKind};
+use infergate_core::{build, Datastore, Director, EndpointSpec, Engine, SchedulerConfig};
+use infergate_metrics::Metrics;
+use infergate_scrape::scraper::{run_with_stats, ScrapeConfig, ScrapeStats};
+
+use crate::pool_source;
+
+/// The clock every component reads: time since the process started.
+pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+pub fn duration(s: &str) -> Result<Duration, String> {
+    parse_go_duration(s)
+}
+
+/// Where the pool comes from and how it is scheduled; the same flags in both modes, so a
+/// user can move between `epp` and `serve` without rewriting anything.
+#[derive(Args, Debug, Clone)]
+pub struct PoolArgs {
+    /// How often each model server's /metrics is scraped.
+    #[arg(long, default_value = "50ms", value_parser = duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Metrics older than this are ignored when scoring.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub metrics_staleness_threshold: Duration,
+    /// Timeout of one scrape.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub metrics_timeout: Duration,
+    /// EndpointPickerConfig YAML; the reference's default profile when absent.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Static pool: comma-separated ip:port list.
+    #[arg(long, value_delimiter = ',', conflicts_with = "pool_file")]
+    pub endpoints: Vec<SocketAddr>,
+    /// Engine of the `--endpoints` servers: vllm, sglang, trtllm-serve, triton or llamacpp.
+    #[arg(long, default_value = "vllm")]
+    pub engine: Engine,
+    /// Static pool file: StaticEndpoints, InferenceObjective, InferenceModelRewrite (and
+    /// optional InferencePool) documents; edits are applied without a restart.
+    #[arg(long)]
+    pub pool_file: Option<PathBuf>,
+    /// How often the pool file is checked for edits.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub pool_file_poll_interval: Duration,
+    /// Pool name used in metric labels (the InferencePool's name when the pool file has one).
+    #[arg(long, default_value = "infergate")]
+    pub pool_name: String,
+    /// Refuse (404) requests for models no InferenceModelRewrite or InferenceModel names.
+    #[arg(long)]
+    pub strict_models: bool,
+    /// Seed for tie-breaking and weighted choices (reproducible runs).
+    #[arg(long, default_value_t = 0x1f_e9a7e)]
+    pub seed: u64,
+}
+
+/// Load and build the scheduler config, or the default one.
+pub fn scheduler_config(
+    path: Option<&Path>,
+    staleness: Duration,
+) -> anyhow::Result<(EndpointPickerConfig, SchedulerConfig)> {
+    let cfg = match path {
+        Some(p) => EndpointPickerConfig::load(p)?,
+        None => EndpointPickerConfig::default_config(),
+    };
+    let sched = build::scheduler_config(&cfg, staleness).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e}",
+            path.map_or("default config".into(), |p| p.display().to_string())
+        )
+    })?;
+    Ok((cfg, sched))
+}
+
+/// The running brain: pool sources, scrape loop and director, with their metrics.
+pub struct Brain {
+    pub datastore: Datastore,
+    pub director: Arc<Director>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    /// The profile runs `header-based-testing-filter` (the conformance tests' filter).
+    pub test_filter: bool,
+    pub pool_name: String,
+}
+
+impl Brain {
+    /// Builds the brain and spawns its tasks on the current tokio runtime. `fallback`
+    /// endpoints serve when the flags name no pool (`serve` passes its simulated replicas).
+    pub fn start(args: &PoolArgs, fallback: Option<Vec<SocketAddr>>) -> anyhow::Result<Brain> {
+        let epoch = Instant::now();
+        let clock: Clock = Arc::new(move || epoch.elapsed());
+
+        let (cfg, mut sched) = scheduler_config(
+            args.config_file.as_deref(),
+            args.metrics_staleness_threshold,
+        )?;
+        sched.strict_models = args.strict_models;
+        if cfg.flow_control.is_some() || cfg.feature_gates.iter().any(|g| g == "flowControl") {
+            // Say it loudly rather than pretend: queueing by fairness and priority bands is
+            // not built yet; saturation shedding by priority still applies.
+            tracing::warn!(
+                "the config enables flowControl, which infergate does not implement yet; \
+                 requests are not queued, and priority < 0 is shed with 429 while the pool is saturated"
+            );
+        }
+
+        let test_filter = cfg
+            .plugins
+            .iter()
+            .any(|p| matches!(p.kind, PluginKind::HeaderBasedTestingFilter))
+            && sched
+                .profile
+                .filters
+                .iter()
+                .any(|f| f.type_name() == "header-based-testing-filter");
+
+        let ds = Datastore::new();
+        let mut pool_name = args.pool_name.clone();
+        match (&args.pool_file, args.endpoints.is_empty(), fallback) {
+            (Some(path), _, _) => {
+                pool_source::apply_file(&ds, path)
+                    .with_context(|| "cannot start with this pool file")?;
+                if let Ok(f) = infergate_api::pool_file::PoolFile::load(path) {
+                    if let Some(p) = f.pool {
+                        pool_name = p.metadata.name;
+                    }
+                }
+                tokio::spawn(pool_source::watch_file(
+                    ds.clone(),
+                    path.clone(),
+                    args.pool_file_poll_interval,
+                ));
+            }
+            (None, false, _) => ds.set_endpoints(
+                args.endpoints
+                    .iter()
+                    .map(|a| EndpointSpec::new(*a, args.engine))
+                    .collect(),
+            ),
+            (None, true, Some(addrs)) => ds.set_endpoints(
+                addrs
+                    .into_iter()
+                    .map(|a| EndpointSpec::new(a, Engine::Vllm))
+                    .collect(),
+            ),
+            (None, true, None) => anyhow::bail!(
+                "no pool given: pass --endpoints ip:port[,ip:port...] (with --engine) or --pool-file FILE"
+            ),
+        }
+        ds.mark_synced();
+
+        let metrics = Arc::new(Metrics::new(&pool_name));
+        let observer = {
+            let metrics = metrics.clone();
+            Arc::new(
+                move |point: &'static str, plugin: &'static str, took: Duration| {
+                    metrics.observe_plugin(point, plugin, took)
+                },
+            )
+        };
+        let director =
+            Arc::new(Director::new(ds.clone(), sched).with_plugin_timing(clock.clone(), observer));
+
+        tokio::spawn(run_with_stats(
+            ds.clone(),
+            ScrapeConfig {
+                interval: args.refresh_metrics_interval,
+                timeout: args.metrics_timeout,
+                ..Default::default()
+            },
+            clock.clone(),
+            ScrapeStats::new(),
+        ));
+        {
+            let (metrics, director, clock, ds) =
+                (metrics.clone(), director.clone(), clock.clone(), ds.clone());
+            let staleness = args.metrics_staleness_threshold;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    metrics.refresh_pool(&ds, clock(), staleness, director.prefix_stats());
+                }
+            });
+        }
+        Ok(Brain {
+            datastore: ds,
+            director,
+            metrics,
+            clock,
+            test_filter,
+            pool_name,
+        })
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Serves `GET /metrics` from `metrics` on `listener` until the process ends.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(metrics.encode())))
+                        } else {
+                            hyper::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                        };
+                        Ok::<_, Infallible>(resp.unwrap_or_default())
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
