@@ -505,11 +505,6 @@ impl hyper::body::Body for TokenStream {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.meta.api == Api::Chat && !this.started {
-            this.started = true;
-            let choice = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-            return Poll::Ready(Some(Ok(Frame::data(this.event(choice, None)))));
-        }
         match this.rx.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(Some(Err(
@@ -526,6 +521,14 @@ impl hyper::body::Body for TokenStream {
                         this.tail.push_back(u);
                     }
                     this.tail.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+                if this.meta.api == Api::Chat && !this.started {
+                    // vLLM sends the assistant-role chunk when the first token is ready,
+                    // not when the request arrives: a queued request sends nothing.
+                    this.started = true;
+                    this.tail.push_front(event);
+                    let choice = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                    return Poll::Ready(Some(Ok(Frame::data(this.event(choice, None)))));
                 }
                 Poll::Ready(Some(Ok(Frame::data(event))))
             }
