@@ -3,6 +3,7 @@
 mod brain;
 mod epp;
 mod pool_source;
+mod serve;
 mod sim;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the Gateway API Inference Extension endpoint picker (Envoy ext_proc server).
     Epp(Box<epp::EppArgs>),
+    /// Run the standalone OpenAI-compatible gateway (simulated replicas when no pool is given).
+    Serve(Box<serve::ServeArgs>),
     /// Run simulated vLLM replicas (OpenAI API, vLLM /metrics, injectable faults).
     Sim(Box<sim::SimArgs>),
     /// Check configuration files and print what they mean, without serving.
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Epp(args) => epp::run(*args),
         Command::Sim(args) => sim::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Config {
             command:
                 ConfigCommand::Check {

@@ -3,76 +3,12 @@
 
 mod common;
 
-use std::io::BufRead as _;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{eventually, Epp};
+use common::{eventually, Epp, Sim};
 use infergate_testkit::{free_port, get, post_json, post_json_stream};
 use serde_json::{json, Value};
-
-/// A running `infergate sim`, killed (by its PID) when dropped.
-struct Sim {
-    child: Child,
-    replicas: Vec<SocketAddr>,
-}
-
-impl Sim {
-    /// Starts the binary and waits for its `replica i listening on http://ADDR` lines.
-    fn start(args: &[&str], replicas: usize) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_infergate"))
-            .arg("sim")
-            .args(args)
-            .env("INFERGATE_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn infergate sim");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut sim = Sim {
-            child,
-            replicas: Vec::new(),
-        };
-        while sim.replicas.len() < replicas {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("infergate sim did not announce its replicas");
-            let addr = line
-                .split("http://")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-            assert!(
-                line.starts_with(&format!("replica {} listening on", sim.replicas.len())),
-                "{line}"
-            );
-            sim.replicas.push(addr);
-        }
-        sim
-    }
-
-    fn url(&self, i: usize) -> String {
-        format!("http://{}", self.replicas[i])
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A port `p` such that `p` and `p + 1` are free a moment ago.
 fn two_free_ports() -> u16 {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -237,4 +238,158 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A running `infergate sim`, killed (by its PID) when dropped.
+pub struct Sim {
+    pub child: Child,
+    pub replicas: Vec<SocketAddr>,
+}
+
+impl Sim {
+    /// Starts the binary and waits for its `replica i listening on http://ADDR` lines.
+    pub fn start(args: &[&str], replicas: usize) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_infergate"))
+            .arg("sim")
+            .args(args)
+            .env("INFERGATE_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn infergate sim");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sim = Sim {
+            child,
+            replicas: Vec::new(),
+        };
+        while sim.replicas.len() < replicas {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("infergate sim did not announce its replicas");
+            let addr = line
+                .split("http://")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            assert!(
+                line.starts_with(&format!("replica {} listening on", sim.replicas.len())),
+                "{line}"
+            );
+            sim.replicas.push(addr);
+        }
+        sim
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("http://{}", self.replicas[i])
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `infergate serve`, killed (by its PID) when dropped.
+pub struct Serve {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Everything it printed to stdout before announcing its address.
+    pub banner: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Serve {
+    /// Starts `infergate serve --port 0 ARGS` and waits for its `listening on` line.
+    pub fn start(args: &[&str]) -> Serve {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let log = std::env::temp_dir().join(format!(
+            "infergate-serve-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_infergate"));
+        cmd.arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .env("INFERGATE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn infergate serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        loop {
+            let line = match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "infergate serve did not announce its address; its log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                }
+            };
+            banner.push(line.clone());
+            if let Some(rest) = line.strip_prefix("infergate serve: listening on http://") {
+                let addr = rest.trim().parse().expect("address");
+                // Keep draining stdout so the child never blocks on a full pipe.
+                std::thread::spawn(move || {
+                    while let Ok(l) = rx.recv() {
+                        let _ = l;
+                    }
+                });
+                // The banner's remaining lines (simulated replicas, curl) follow at once.
+                return Serve {
+                    child,
+                    addr,
+                    banner,
+                    log,
+                };
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
