@@ -34,6 +34,7 @@ use infergate_metrics::{ErrorLabels, Metrics, ModelLabels, RequestLabels, Runnin
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use infergate_core::rewrite::map_model_back;
 use infergate_core::usage::{self, SseUsage, Usage};
 
 /// Header and metadata key naming the chosen endpoint(s).
@@ -851,64 +852,9 @@ fn push_streamed_body(out: &mut Vec<ProcessingResponse>, body: &[u8], eos: bool,
     }
 }
 
-/// Replace the JSON value of every `"model"` key equal to `from` by `to`.
-pub fn map_model_back(body: &[u8], from: &str, to: &str) -> Vec<u8> {
-    let from_lit = serde_json::to_string(from).unwrap_or_default();
-    let to_lit = serde_json::to_string(to).unwrap_or_default();
-    let key = b"\"model\"";
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while i < body.len() {
-        let Some(pos) = find(&body[i..], key) else {
-            break;
-        };
-        let key_end = i + pos + key.len();
-        let mut j = key_end;
-        while j < body.len() && body[j].is_ascii_whitespace() {
-            j += 1;
-        }
-        if j < body.len() && body[j] == b':' {
-            j += 1;
-            while j < body.len() && body[j].is_ascii_whitespace() {
-                j += 1;
-            }
-            if body[j..].starts_with(from_lit.as_bytes()) {
-                out.extend_from_slice(&body[i..j]);
-                out.extend_from_slice(to_lit.as_bytes());
-                i = j + from_lit.len();
-                continue;
-            }
-        }
-        out.extend_from_slice(&body[i..key_end]);
-        i = key_end;
-    }
-    out.extend_from_slice(&body[i..]);
-    out
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn model_is_mapped_back_in_json_and_sse() {
-        assert_eq!(
-            map_model_back(
-                br#"{"id":"1","model":"v2","x":{"model" : "v2"},"y":"model"}"#,
-                "v2",
-                "public"
-            ),
-            br#"{"id":"1","model":"public","x":{"model" : "public"},"y":"model"}"#.to_vec()
-        );
-        assert_eq!(
-            map_model_back(br#"{"model":"v22"}"#, "v2", "p"),
-            br#"{"model":"v22"}"#.to_vec()
-        );
-    }
 
     #[test]
     fn chunks_never_exceed_62000_bytes() {

@@ -1,12 +1,13 @@
 //! Mapping a rewritten model name back to the one the client asked for, in a relayed body
 //! (DESIGN.md 4.1: the response names the model the client asked for).
 //!
-//! The same rule as the picker's `map_model_back` in `infergate-extproc`: every JSON
-//! `"model"` value equal to the served name is replaced. SSE bodies are mapped line by line
+//! The same rule as the picker's, [`map_model_back`] in `core`: every JSON `"model"` value
+//! equal to the served name is replaced. SSE bodies are mapped line by line
 //! as lines complete (a name split across chunks is still found); JSON bodies are held
 //! whole up to a bound, then mapped chunk by chunk past it (best effort).
 
 use bytes::Bytes;
+use infergate_core::rewrite::map_model_back;
 
 /// JSON bodies held whole for mapping up to this size.
 const MAX_HELD: usize = 4 << 20;
@@ -23,8 +24,8 @@ impl Rename {
     /// Maps `"model": "<served>"` back to `"model": "<asked>"`.
     pub fn new(served: &str, asked: &str, sse: bool) -> Rename {
         Rename {
-            from: serde_json::to_string(served).unwrap_or_default(),
-            to: serde_json::to_string(asked).unwrap_or_default(),
+            from: served.to_owned(),
+            to: asked.to_owned(),
             sse,
             held: Vec::new(),
             overflow: false,
@@ -67,40 +68,6 @@ impl Rename {
         }
         Bytes::from(map_model_back(body, &self.from, &self.to))
     }
-}
-
-/// Replace the JSON value of every `"model"` key equal to the literal `from` by `to`.
-fn map_model_back(body: &[u8], from: &str, to: &str) -> Vec<u8> {
-    let key = b"\"model\"";
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while let Some(pos) = find(&body[i..], key) {
-        let key_end = i + pos + key.len();
-        let mut j = key_end;
-        while j < body.len() && body[j].is_ascii_whitespace() {
-            j += 1;
-        }
-        if j < body.len() && body[j] == b':' {
-            j += 1;
-            while j < body.len() && body[j].is_ascii_whitespace() {
-                j += 1;
-            }
-            if body[j..].starts_with(from.as_bytes()) {
-                out.extend_from_slice(&body[i..j]);
-                out.extend_from_slice(to.as_bytes());
-                i = j + from.len();
-                continue;
-            }
-        }
-        out.extend_from_slice(&body[i..key_end]);
-        i = key_end;
-    }
-    out.extend_from_slice(&body[i..]);
-    out
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
