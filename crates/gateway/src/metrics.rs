@@ -113,12 +113,6 @@ impl GatewayMetrics {
 
     /// The picker's metrics followed by these, as one Prometheus text page.
     pub fn encode_with(&self, picker: &Metrics) -> String {
-        let mut out = picker.encode();
-        // Both encodings end with the OpenMetrics `# EOF`; keep only the last one.
-        if let Some(stripped) = out.strip_suffix("# EOF\n") {
-            out.truncate(stripped.len());
-        }
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        picker.encode_with(Some(&self.registry))
     }
 }

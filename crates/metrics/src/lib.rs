@@ -326,9 +326,19 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
+        self.encode_with(None)
+    }
+
+    /// The registry followed by `extra`'s metrics (a front end's own), one page, one `# EOF`.
+    pub fn encode_with(&self, extra: Option<&Registry>) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(r) = extra {
+            let _ = encode_registry(&mut out, r);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 }
