@@ -532,7 +532,13 @@ impl Body for Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        // hyper drops the body when the client goes away; the upstream body goes with it.
+        // hyper stops polling, without waiting for the final `None`, once a body whose
+        // length it knows has been sent whole: that is a completed response.
+        if self.rename.is_none() && self.is_end_stream() {
+            self.end(End::Complete);
+        }
+        // Otherwise hyper dropped the body because the client went away; the upstream body
+        // goes with it.
         self.end(End::ClientGone);
     }
 }

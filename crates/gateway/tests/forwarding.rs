@@ -596,3 +596,34 @@ async fn a_stream_that_goes_quiet_is_ended_with_an_error_event_after_the_idle_ti
     );
     assert!(text.ends_with("\n\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_json_answer_is_counted_as_complete_with_its_usage() {
+    // hyper stops polling a body of known length once it has sent it all; the relay must
+    // still book it as a completed request, not as a client that went away.
+    let sim = mk_sim(20.0, Faults::default()).await;
+    let gw = mk_gateway(&[sim.local_addr()], cfg()).await;
+    let (status, _, body) = post_json(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[],
+        chat("hello", 7, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let page = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_sum(&page, "inference_objective_output_tokens_sum"),
+        7.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric_sum(&page, "inference_objective_request_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&page, "inference_objective_running_requests"),
+        0.0
+    );
+}
