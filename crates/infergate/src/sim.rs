@@ -261,7 +261,7 @@ async fn serve(
     tokio::select! {
         _ = all_stopped => tracing::info!("every replica has stopped"),
         _ = exit_timer => {}
-        _ = shutdown_signal() => {
+        _ = crate::brain::shutdown_signal() => {
             tracing::info!("shutting down: letting open requests finish for up to 5 s");
             let drains: Vec<_> = servers
                 .iter()
@@ -276,23 +276,4 @@ async fn serve(
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
