@@ -378,20 +378,37 @@ async fn under_saturation_sheddable_work_gets_429_first_and_the_rest_is_served()
             "{v}"
         );
     }
-    // Priority >= 0 is still taken (it waits its turn in a replica's queue).
-    let (status, _, mut body) = post_json_stream(
-        &url,
-        "/v1/chat/completions",
-        &[("authorization", "Bearer ik")],
-        chat(5, true),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200);
-    assert!(body.next_chunk().await.is_some());
+    // Priority >= 0 is still taken while the pool is saturated: it is admitted and waits
+    // its turn in a replica's queue. Once the long requests are called off, it is served.
+    let interactive = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            HttpClient::new()
+                .post_json(
+                    &url,
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer ik")],
+                    chat(5, false),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !interactive.is_finished(),
+        "it should be queued, not refused"
+    );
     for f in fill {
         f.abort();
     }
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(20), interactive)
+        .await
+        .expect("served within 20 s once the queue cleared")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,4 +533,63 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(code.expect("still running 5 s after SIGTERM").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_while_its_request_is_queued_leaves_the_queue() {
+    // One request at a time: a long one runs, the next waits in the replica's queue, and the
+    // gateway holds its response until the first token, so that client sees nothing yet.
+    let sim = Sim::start(
+        &[
+            "--port",
+            "0",
+            "--max-num-seqs",
+            "1",
+            "--served-model-name",
+            MODEL,
+        ],
+        1,
+    );
+    let serve = Serve::start(&["--endpoints", &endpoints(&sim)]);
+    let url = serve.url();
+    let (status, _, mut running_body) =
+        post_json_stream(&url, "/v1/chat/completions", &[], chat(3000, true))
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    running_body.next_chunk().await.unwrap().unwrap();
+    let queued = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let c = HttpClient::new();
+            c.post_json_stream(&url, "/v1/chat/completions", &[], chat(10, true))
+                .await
+        })
+    };
+    let waiting =
+        |page: &[u8]| metric_sum(&String::from_utf8_lossy(page), "vllm:num_requests_waiting");
+    let mut seen = false;
+    for _ in 0..40 {
+        let (_, _, page) = get(&sim.url(0), "/metrics").await.unwrap();
+        if waiting(&page) == 1.0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "the second request never queued");
+    queued.abort();
+    let mut left = false;
+    for _ in 0..40 {
+        let (_, _, page) = get(&sim.url(0), "/metrics").await.unwrap();
+        if waiting(&page) == 0.0 {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        left,
+        "the abandoned request still waits in the replica's queue"
+    );
 }
