@@ -1,0 +1,71 @@
+//! A QPS sweep on the virtual clock: the blog's shape (10 replicas, chat-like traffic) or
+//! shared-prefix traffic, through round robin and through the reference's default profile.
+//!
+//! `cargo run --release -p infergate-bench --example virtual_sweep -- [chat|prefix] [seconds]`
+
+use std::time::Instant;
+
+use infergate_bench::report::{to_markdown, RunReport};
+use infergate_bench::stats::{by_priority, summarize};
+use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::workload::{Arrivals, Shape, Stage, Workload};
+use infergate_sim::{profile, EngineConfig};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let kind = args.first().map(String::as_str).unwrap_or("chat");
+    let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60.0);
+    let p = profile::by_name("llama3-8b-h100").expect("profile");
+    let pool = VirtualPool {
+        replicas: 10,
+        engine: EngineConfig::for_profile(p),
+        model: p.model.to_owned(),
+        scrape_interval: 0.05,
+        objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
+        seed: 1,
+    };
+    let (shape, rates): (Shape, Vec<f64>) = match kind {
+        "prefix" => (
+            Shape::inference_perf_shared_prefix(),
+            vec![10.0, 20.0, 40.0, 60.0],
+        ),
+        _ => (
+            Shape::sharegpt(),
+            vec![100.0, 200.0, 300.0, 350.0, 400.0, 450.0],
+        ),
+    };
+    let mut reports = Vec::new();
+    for qps in rates {
+        let wl = Workload {
+            shape: shape.clone(),
+            arrivals: Arrivals::Poisson,
+            stages: vec![Stage { qps, seconds }],
+            lora: None,
+            priorities: None,
+            seed: 7,
+        };
+        let specs = wl.generate();
+        for (name, router) in [
+            ("round-robin", Router::RoundRobin),
+            ("reference-default", Router::reference_default()?),
+        ] {
+            let wall = Instant::now();
+            let outcomes = run(&pool, &router, &specs);
+            let duration = outcomes.iter().map(|o| o.done).fold(0.0, f64::max);
+            eprintln!(
+                "{name} at {qps} qps: {} requests in {:.1} s wall",
+                specs.len(),
+                wall.elapsed().as_secs_f64()
+            );
+            reports.push(RunReport {
+                router: name.to_owned(),
+                workload: kind.to_owned(),
+                stage_qps: qps,
+                summary: summarize(&outcomes, duration),
+                by_priority: by_priority(&outcomes, duration),
+            });
+        }
+    }
+    println!("{}", to_markdown(&reports));
+    Ok(())
+}

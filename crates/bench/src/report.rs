@@ -1,0 +1,241 @@
+//! Reports of a set of runs: JSON, a Markdown table, and an SVG chart of a latency metric
+//! against QPS (one line per router, like the GIE blog's charts).
+
+use crate::stats::Summary;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// One run: a router under one workload at one QPS stage.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunReport {
+    pub router: String,
+    pub workload: String,
+    pub stage_qps: f64,
+    pub summary: Summary,
+    pub by_priority: BTreeMap<i32, Summary>,
+}
+
+/// The runs as pretty-printed JSON (an array of [`RunReport`]).
+pub fn to_json(runs: &[RunReport]) -> String {
+    serde_json::to_string_pretty(runs).expect("reports serialise")
+}
+
+fn pct(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / of as f64
+    }
+}
+
+/// A Markdown table: router, QPS, TTFT p50/p90/p99 (ms), TPOT p90 (ms), output tok/s,
+/// req/s, errors %, shed %.
+pub fn to_markdown(runs: &[RunReport]) -> String {
+    let mut s = String::from(
+        "| router | QPS | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) | TPOT p90 (ms) | output tok/s | req/s | errors % | shed % |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in runs {
+        let m = &r.summary;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            r.router.replace('|', "\\|"),
+            r.stage_qps,
+            m.ttft_p50 * 1e3,
+            m.ttft_p90 * 1e3,
+            m.ttft_p99 * 1e3,
+            m.tpot_p90 * 1e3,
+            m.output_tok_per_s,
+            m.req_per_s,
+            pct(m.errors, m.requests),
+            pct(m.shed, m.requests),
+        );
+    }
+    s
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A "nice" axis step (1, 2 or 5 x 10^k) giving about `ticks` intervals over `span`.
+fn nice_step(span: f64, ticks: f64) -> f64 {
+    let raw = (span / ticks).max(f64::MIN_POSITIVE);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    mag * if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+fn fmt_tick(v: f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+
+/// An SVG line chart of `metric` (e.g. TTFT p90 in ms) against QPS, one line per router,
+/// like the GIE blog's charts; self-contained SVG text, no dependencies.
+///
+/// Routers appear in the order of their first run; each line's points are sorted by QPS.
+/// Non-finite metric values are left out.
+pub fn svg_chart(
+    runs: &[RunReport],
+    title: &str,
+    metric: fn(&Summary) -> f64,
+    y_label: &str,
+) -> String {
+    let mut routers: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    for r in runs {
+        let y = metric(&r.summary);
+        if !y.is_finite() || !r.stage_qps.is_finite() {
+            continue;
+        }
+        match routers.iter_mut().find(|(n, _)| *n == r.router) {
+            Some((_, pts)) => pts.push((r.stage_qps, y)),
+            None => routers.push((&r.router, vec![(r.stage_qps, y)])),
+        }
+    }
+    for (_, pts) in &mut routers {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let all = routers.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        (x0, x1) = (0.0, 1.0);
+    }
+    let xs = nice_step((x1 - x0).max(1e-9), 6.0);
+    let (x0, x1) = ((x0 / xs).floor() * xs, ((x1 / xs).ceil() * xs).max(x0 + xs));
+    let ys = nice_step(if y1 > 0.0 { y1 } else { 1.0 }, 5.0);
+    let y1 = ((y1 / ys).ceil() * ys).max(ys);
+
+    let (w, h) = (760.0, 440.0);
+    let (l, r, t, b) = (70.0, 190.0, 40.0, 50.0);
+    let (pw, ph) = (w - l - r, h - t - b);
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * pw;
+    let py = |y: f64| t + ph - y / y1 * ph;
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        l + pw / 2.0,
+        esc(title)
+    );
+    // Grid and ticks.
+    let mut v = 0.0;
+    while v <= y1 + ys / 2.0 {
+        let y = py(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/>"##,
+            l + pw
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            l - 6.0,
+            y + 4.0,
+            fmt_tick(v)
+        );
+        v += ys;
+    }
+    let mut v = x0;
+    while v <= x1 + xs / 2.0 {
+        let x = px(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/>"##,
+            t + ph
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            t + ph + 18.0,
+            fmt_tick(v)
+        );
+        v += xs;
+    }
+    let _ = writeln!(
+        s,
+        r#"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">QPS</text>"#,
+        l + pw / 2.0,
+        h - 10.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
+        t + ph / 2.0,
+        t + ph / 2.0,
+        esc(y_label)
+    );
+    // One line per router, and the legend.
+    for (i, (name, pts)) in routers.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let points: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
+        for &(x, y) in pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"/>"#,
+                px(x),
+                py(y)
+            );
+        }
+        let ly = t + 10.0 + i as f64 * 20.0;
+        let lx = l + pw + 14.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/>"#,
+            lx + 20.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            lx + 26.0,
+            ly + 4.0,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
