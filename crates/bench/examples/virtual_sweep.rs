@@ -1,5 +1,6 @@
 //! A QPS sweep on the virtual clock: the blog's shape (10 replicas, chat-like traffic) or
-//! shared-prefix traffic, through round robin and through the reference's default profile.
+//! shared-prefix traffic, through round robin, the reference's default profile, and the same profile with
+//! infergate's in-flight accounting.
 //!
 //! `cargo run --release -p infergate-bench --example virtual_sweep -- [chat|prefix] [seconds]`
 
@@ -48,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         for (name, router) in [
             ("round-robin", Router::RoundRobin),
             ("reference-default", Router::reference_default()?),
+            ("infergate-default", Router::infergate_default()?),
         ] {
             let wall = Instant::now();
             let outcomes = run(&pool, &router, &specs);

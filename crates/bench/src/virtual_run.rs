@@ -32,15 +32,27 @@ pub enum Router {
 }
 
 impl Router {
-    /// The reference picker's default profile.
+    /// The reference picker as it ships: its default profile, and no accounting of what it
+    /// sent since the last scrape (the reference has none).
     pub fn reference_default() -> anyhow::Result<Router> {
+        Self::default_profile(false)
+    }
+
+    /// The same profile with our in-flight accounting on (infergate's default).
+    pub fn infergate_default() -> anyhow::Result<Router> {
+        Self::default_profile(true)
+    }
+
+    fn default_profile(inflight_accounting: bool) -> anyhow::Result<Router> {
         let cfg = infergate_api::config::EndpointPickerConfig::default_config();
         // Fail now rather than in the middle of a run.
         infergate_core::build::scheduler_config(&cfg, Duration::from_secs(2))
             .map_err(|e| anyhow::anyhow!("default config: {e}"))?;
         Ok(Router::Director(Box::new(move || {
-            infergate_core::build::scheduler_config(&cfg, Duration::from_secs(2))
-                .expect("checked when the router was made")
+            let mut s = infergate_core::build::scheduler_config(&cfg, Duration::from_secs(2))
+                .expect("checked when the router was made");
+            s.inflight_accounting = inflight_accounting;
+            s
         })))
     }
 }
