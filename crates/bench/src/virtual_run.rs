@@ -43,8 +43,24 @@ impl Router {
         Self::default_profile(true)
     }
 
+    /// A profile from EndpointPickerConfig YAML (what `--config-file` takes), for comparing
+    /// profiles in the lab.
+    pub fn from_yaml(yaml: &str, inflight_accounting: bool) -> anyhow::Result<Router> {
+        let cfg = infergate_api::config::EndpointPickerConfig::from_yaml_str(yaml, "<lab>")?;
+        Self::from_config(cfg, inflight_accounting)
+    }
+
     fn default_profile(inflight_accounting: bool) -> anyhow::Result<Router> {
-        let cfg = infergate_api::config::EndpointPickerConfig::default_config();
+        Self::from_config(
+            infergate_api::config::EndpointPickerConfig::default_config(),
+            inflight_accounting,
+        )
+    }
+
+    fn from_config(
+        cfg: infergate_api::config::EndpointPickerConfig,
+        inflight_accounting: bool,
+    ) -> anyhow::Result<Router> {
         // Fail now rather than in the middle of a run.
         infergate_core::build::scheduler_config(&cfg, Duration::from_secs(2))
             .map_err(|e| anyhow::anyhow!("default config: {e}"))?;

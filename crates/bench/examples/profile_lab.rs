@@ -1,0 +1,115 @@
+//! Compares scheduling profiles on the virtual clock at a few loads around the knee, on
+//! chat-like and shared-prefix traffic: a quick loop for designing the best profile.
+//!
+//! `cargo run --release -p infergate-bench --example profile_lab -- [seconds]`
+
+use infergate_bench::report::{to_markdown, RunReport};
+use infergate_bench::stats::{by_priority, summarize};
+use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::workload::{Arrivals, Shape, Stage, Workload};
+use infergate_sim::{profile, EngineConfig};
+
+/// A single-profile config with these scorer weights.
+fn profile_yaml(scorers: &[(&str, u32)]) -> String {
+    let mut plugins = String::new();
+    let mut refs = String::new();
+    for (t, w) in scorers {
+        plugins.push_str(&format!("- type: {t}\n"));
+        refs.push_str(&format!("  - pluginRef: {t}\n    weight: {w}\n"));
+    }
+    format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n{plugins}- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n{refs}  - pluginRef: max-score-picker\n"
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
+    let p = profile::by_name("llama3-8b-h100").expect("profile");
+    let pool = VirtualPool {
+        replicas: 10,
+        engine: EngineConfig::for_profile(p),
+        model: p.model.to_owned(),
+        scrape_interval: 0.05,
+        objectives: Vec::new(),
+        seed: 1,
+    };
+    let candidates: Vec<(&str, String)> = vec![
+        (
+            "q1-kv1-prefix1",
+            profile_yaml(&[
+                ("queue-scorer", 1),
+                ("kv-cache-utilization-scorer", 1),
+                ("prefix-cache-scorer", 1),
+            ]),
+        ),
+        (
+            "q2-kv2-prefix3",
+            profile_yaml(&[
+                ("queue-scorer", 2),
+                ("kv-cache-utilization-scorer", 2),
+                ("prefix-cache-scorer", 3),
+            ]),
+        ),
+        (
+            "inflight2-q1-kv1-prefix3",
+            profile_yaml(&[
+                ("inflight-load-scorer", 2),
+                ("queue-scorer", 1),
+                ("kv-cache-utilization-scorer", 1),
+                ("prefix-cache-scorer", 3),
+            ]),
+        ),
+        (
+            "tokenload2-q1-prefix3",
+            profile_yaml(&[
+                ("token-load-scorer", 2),
+                ("queue-scorer", 1),
+                ("prefix-cache-scorer", 3),
+            ]),
+        ),
+    ];
+    let mut reports = Vec::new();
+    for (kind, shape, rates) in [
+        ("chat", Shape::sharegpt(), vec![300.0, 400.0]),
+        (
+            "prefix",
+            Shape::inference_perf_shared_prefix(),
+            vec![20.0, 40.0],
+        ),
+    ] {
+        for qps in rates {
+            let specs = Workload {
+                shape: shape.clone(),
+                arrivals: Arrivals::Poisson,
+                stages: vec![Stage { qps, seconds }],
+                lora: None,
+                priorities: None,
+                seed: 7,
+            }
+            .generate();
+            let mut routers: Vec<(String, Router)> = vec![
+                ("round-robin".into(), Router::RoundRobin),
+                ("infergate-default".into(), Router::infergate_default()?),
+            ];
+            for (name, yaml) in &candidates {
+                routers.push((name.to_string(), Router::from_yaml(yaml, true)?));
+            }
+            for (name, router) in routers {
+                let out = run(&pool, &router, &specs);
+                let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
+                reports.push(RunReport {
+                    router: name,
+                    workload: kind.to_owned(),
+                    stage_qps: qps,
+                    summary: summarize(&out, duration),
+                    by_priority: by_priority(&out, duration),
+                });
+            }
+        }
+    }
+    println!("{}", to_markdown(&reports));
+    Ok(())
+}
