@@ -2,11 +2,14 @@
 //! shared-prefix traffic, through round robin, the reference's default profile, and the same profile with
 //! infergate's in-flight accounting.
 //!
-//! `cargo run --release -p infergate-bench --example virtual_sweep -- [chat|prefix] [seconds]`
+//! `cargo run --release -p infergate-bench --example virtual_sweep -- [chat|prefix] [seconds] [out-dir]`
+//!
+//! Prints a Markdown table; with `out-dir`, also writes `<kind>.json` and `<kind>-ttft-p90.svg`
+//! (TTFT p90 against QPS, one line per router) there.
 
 use std::time::Instant;
 
-use infergate_bench::report::{to_markdown, RunReport};
+use infergate_bench::report::{svg_chart, to_json, to_markdown, RunReport};
 use infergate_bench::stats::{by_priority, summarize};
 use infergate_bench::virtual_run::{run, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, Shape, Stage, Workload};
@@ -69,5 +72,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("{}", to_markdown(&reports));
+    if let Some(dir) = args.get(2) {
+        let dir = std::path::Path::new(dir);
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(format!("{kind}.json")), to_json(&reports))?;
+        let svg = svg_chart(
+            &reports,
+            &format!("{kind} traffic, 10 simulated replicas: TTFT p90"),
+            |s| s.ttft_p90 * 1e3,
+            "TTFT p90 (ms)",
+        );
+        std::fs::write(dir.join(format!("{kind}-ttft-p90.svg")), svg)?;
+        eprintln!("wrote {}", dir.display());
+    }
     Ok(())
 }
