@@ -503,18 +503,23 @@ async fn sse_stream_passes_through_unchanged_and_usage_is_counted() {
     let (_, _, direct) = post_json(&rig.backends[who].url(), PATH, &[], body)
         .await
         .unwrap();
-    // Only the completion id (a per-request counter) may differ.
-    let id = |b: &[u8]| -> String {
+    // Only the completion id (a per-request counter) and `created` (the second it was
+    // made; the two requests may straddle a second) may differ.
+    let first_event = |b: &[u8]| -> serde_json::Value {
         let first = String::from_utf8_lossy(b)
             .lines()
             .next()
             .unwrap_or_default()
             .to_string();
-        let v: serde_json::Value =
-            serde_json::from_str(first.trim_start_matches("data: ")).unwrap();
-        v["id"].as_str().unwrap().to_string()
+        serde_json::from_str(first.trim_start_matches("data: ")).unwrap()
     };
-    let direct = String::from_utf8_lossy(&direct).replace(&id(&direct), &id(&via_envoy));
+    let (d, e) = (first_event(&direct), first_event(&via_envoy));
+    let direct = String::from_utf8_lossy(&direct)
+        .replace(d["id"].as_str().unwrap(), e["id"].as_str().unwrap())
+        .replace(
+            &format!("\"created\":{}", d["created"]),
+            &format!("\"created\":{}", e["created"]),
+        );
     assert_eq!(String::from_utf8_lossy(&via_envoy), direct);
     let text = String::from_utf8_lossy(&via_envoy);
     let usage_line = text
