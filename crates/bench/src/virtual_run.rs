@@ -196,8 +196,10 @@ pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Ou
                 (rr, None)
             }
             Some(d) => {
+                // A LoRA request names its adapter as the model, as clients of vLLM do.
+                let model = spec.lora.as_deref().unwrap_or(&pool.model);
                 let body = serde_json::json!({
-                    "model": pool.model, "prompt": spec.prompt,
+                    "model": model, "prompt": spec.prompt,
                     "max_tokens": spec.output_tokens, "ignore_eos": true,
                 })
                 .to_string();
