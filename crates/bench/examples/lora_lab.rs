@@ -5,11 +5,9 @@
 //!
 //! `cargo run --release -p infergate-bench --example lora_lab -- [seconds]`
 
-use infergate_bench::report::{to_markdown, RunReport};
-use infergate_bench::stats::{by_priority, summarize};
-use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::report::to_markdown;
+use infergate_bench::virtual_run::{run_report, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, LoraMix, Shape, Stage, Workload};
-use infergate_sim::{profile, EngineConfig};
 
 const WITH_LORA_AFFINITY: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -38,18 +36,9 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(60.0);
-    let p = profile::by_name("llama3-8b-h100").expect("profile");
-    let mut engine = EngineConfig::for_profile(p);
-    engine.max_loras = 3;
-    engine.max_cpu_loras = 15;
-    let pool = VirtualPool {
-        replicas: 10,
-        engine,
-        model: p.model.to_owned(),
-        scrape_interval: 0.05,
-        objectives: Vec::new(),
-        seed: 1,
-    };
+    let mut pool = VirtualPool::of_profile("llama3-8b-h100", 10)?;
+    pool.engine.max_loras = 3;
+    pool.engine.max_cpu_loras = 15;
     let mut reports = Vec::new();
     for qps in [50.0, 100.0, 200.0, 300.0] {
         let specs = Workload {
@@ -73,15 +62,7 @@ fn main() -> anyhow::Result<()> {
                 Router::from_yaml(WITH_LORA_AFFINITY, true)?,
             ),
         ] {
-            let out = run(&pool, &router, &specs);
-            let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
-            reports.push(RunReport {
-                router: name.to_owned(),
-                workload: "multi-lora".to_owned(),
-                stage_qps: qps,
-                summary: summarize(&out, duration),
-                by_priority: by_priority(&out, duration),
-            });
+            reports.push(run_report(&pool, &router, name, "multi-lora", qps, &specs));
         }
     }
     println!("{}", to_markdown(&reports));

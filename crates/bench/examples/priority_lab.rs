@@ -5,25 +5,15 @@
 //!
 //! `cargo run --release -p infergate-bench --example priority_lab -- [seconds]`
 
-use infergate_bench::stats::by_priority;
-use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::virtual_run::{run_report, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, PriorityMix, Shape, Stage, Workload};
-use infergate_sim::{profile, EngineConfig};
 
 fn main() -> anyhow::Result<()> {
     let seconds: f64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(60.0);
-    let p = profile::by_name("llama3-8b-h100").expect("profile");
-    let pool = VirtualPool {
-        replicas: 10,
-        engine: EngineConfig::for_profile(p),
-        model: p.model.to_owned(),
-        scrape_interval: 0.05,
-        objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
-        seed: 1,
-    };
+    let pool = VirtualPool::of_profile("llama3-8b-h100", 10)?;
     println!("| router | QPS | class | requests | shed % | TTFT p50 (ms) | TTFT p90 (ms) | TPOT p90 (ms) |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|");
     for qps in [300.0, 400.0, 600.0, 800.0] {
@@ -40,9 +30,8 @@ fn main() -> anyhow::Result<()> {
             ("round-robin", Router::RoundRobin),
             ("infergate-default", Router::infergate_default()?),
         ] {
-            let out = run(&pool, &router, &specs);
-            let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
-            for (prio, s) in by_priority(&out, duration).iter().rev() {
+            let report = run_report(&pool, &router, name, "chat", qps, &specs);
+            for (prio, s) in report.by_priority.iter().rev() {
                 let class = if *prio < 0 { "batch" } else { "interactive" };
                 println!(
                     "| {name} | {qps} | {class} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",

@@ -3,11 +3,9 @@
 //!
 //! `cargo run --release -p infergate-bench --example profile_lab -- [seconds]`
 
-use infergate_bench::report::{to_markdown, RunReport};
-use infergate_bench::stats::{by_priority, summarize};
-use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::report::to_markdown;
+use infergate_bench::virtual_run::{run_report, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, Shape, Stage, Workload};
-use infergate_sim::{profile, EngineConfig};
 
 /// A single-profile config with these scorer weights.
 fn profile_yaml(scorers: &[(&str, u32)]) -> String {
@@ -27,15 +25,7 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(60.0);
-    let p = profile::by_name("llama3-8b-h100").expect("profile");
-    let pool = VirtualPool {
-        replicas: 10,
-        engine: EngineConfig::for_profile(p),
-        model: p.model.to_owned(),
-        scrape_interval: 0.05,
-        objectives: Vec::new(),
-        seed: 1,
-    };
+    let pool = VirtualPool::of_profile("llama3-8b-h100", 10)?;
     let candidates: Vec<(&str, String)> = vec![
         (
             "q1-kv1-prefix1",
@@ -98,15 +88,7 @@ fn main() -> anyhow::Result<()> {
                 routers.push((name.to_string(), Router::from_yaml(yaml, true)?));
             }
             for (name, router) in routers {
-                let out = run(&pool, &router, &specs);
-                let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
-                reports.push(RunReport {
-                    router: name,
-                    workload: kind.to_owned(),
-                    stage_qps: qps,
-                    summary: summarize(&out, duration),
-                    by_priority: by_priority(&out, duration),
-                });
+                reports.push(run_report(&pool, &router, &name, kind, qps, &specs));
             }
         }
     }

@@ -9,25 +9,15 @@
 
 use std::time::Instant;
 
-use infergate_bench::report::{svg_chart, to_json, to_markdown, RunReport};
-use infergate_bench::stats::{by_priority, summarize};
-use infergate_bench::virtual_run::{run, Router, VirtualPool};
+use infergate_bench::report::{svg_chart, to_json, to_markdown};
+use infergate_bench::virtual_run::{run_report, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, Shape, Stage, Workload};
-use infergate_sim::{profile, EngineConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let kind = args.first().map(String::as_str).unwrap_or("chat");
     let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60.0);
-    let p = profile::by_name("llama3-8b-h100").expect("profile");
-    let pool = VirtualPool {
-        replicas: 10,
-        engine: EngineConfig::for_profile(p),
-        model: p.model.to_owned(),
-        scrape_interval: 0.05,
-        objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
-        seed: 1,
-    };
+    let pool = VirtualPool::of_profile("llama3-8b-h100", 10)?;
     let (shape, rates): (Shape, Vec<f64>) = match kind {
         "prefix" => (
             Shape::inference_perf_shared_prefix(),
@@ -55,20 +45,12 @@ fn main() -> anyhow::Result<()> {
             ("infergate-default", Router::infergate_default()?),
         ] {
             let wall = Instant::now();
-            let outcomes = run(&pool, &router, &specs);
-            let duration = outcomes.iter().map(|o| o.done).fold(0.0, f64::max);
+            reports.push(run_report(&pool, &router, name, kind, qps, &specs));
             eprintln!(
                 "{name} at {qps} qps: {} requests in {:.1} s wall",
                 specs.len(),
                 wall.elapsed().as_secs_f64()
             );
-            reports.push(RunReport {
-                router: name.to_owned(),
-                workload: kind.to_owned(),
-                stage_qps: qps,
-                summary: summarize(&outcomes, duration),
-                by_priority: by_priority(&outcomes, duration),
-            });
         }
     }
     println!("{}", to_markdown(&reports));

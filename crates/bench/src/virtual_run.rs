@@ -20,7 +20,8 @@ use infergate_sim::{Engine, EngineConfig, Prompt, RequestId, SimRequest};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
-use crate::stats::Outcome;
+use crate::report::RunReport;
+use crate::stats::{by_priority, summarize, Outcome};
 use crate::workload::RequestSpec;
 
 /// Who picks the replica.
@@ -85,6 +86,48 @@ pub struct VirtualPool {
     /// InferenceObjectives the Director knows: name and priority.
     pub objectives: Vec<(String, i32)>,
     pub seed: u64,
+}
+
+impl VirtualPool {
+    /// `replicas` replicas of the built-in simulator profile `profile` with vLLM's defaults,
+    /// serving its model, scraped every 50 ms, with objectives `interactive` (priority 10)
+    /// and `batch` (-1).
+    pub fn of_profile(profile: &str, replicas: usize) -> anyhow::Result<VirtualPool> {
+        let p = infergate_sim::profile::by_name(profile).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown profile {profile:?}; known: {}",
+                infergate_sim::profile::names().join(", ")
+            )
+        })?;
+        Ok(VirtualPool {
+            replicas,
+            engine: EngineConfig::for_profile(p),
+            model: p.model.to_owned(),
+            scrape_interval: 0.05,
+            objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
+            seed: 1,
+        })
+    }
+}
+
+/// Runs `specs` through `router` and summarises the run as one report row.
+pub fn run_report(
+    pool: &VirtualPool,
+    router: &Router,
+    router_name: &str,
+    workload: &str,
+    qps: f64,
+    specs: &[RequestSpec],
+) -> RunReport {
+    let out = run(pool, router, specs);
+    let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
+    RunReport {
+        router: router_name.to_owned(),
+        workload: workload.to_owned(),
+        stage_qps: qps,
+        summary: summarize(&out, duration),
+        by_priority: by_priority(&out, duration),
+    }
 }
 
 fn addr(i: usize) -> SocketAddr {
