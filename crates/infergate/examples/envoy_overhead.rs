@@ -242,22 +242,9 @@ async fn start_trivial_picker(destination: SocketAddr) -> anyhow::Result<SocketA
     Ok(addr)
 }
 
-/// utime + stime of a process in seconds (`/proc/<pid>/stat`, 100 ticks per second).
+/// CPU seconds of a process, NaN when it cannot be read.
 fn cpu_secs(pid: &str) -> f64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    let Some(close) = text.rfind(')') else {
-        return f64::NAN;
-    };
-    let f: Vec<&str> = text[close + 2..].split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    // Field 3 (state) is index 0 here; utime and stime are fields 14 and 15.
-    (tick(11) + tick(12)) / 100.0
+    infergate_testkit::procstat::cpu_seconds(pid).unwrap_or(f64::NAN)
 }
 
 /// Latencies (ms) of one phase plus its errors.

@@ -32,6 +32,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use infergate_testkit::procstat::cpu_seconds;
 use infergate_testkit::{free_port, wait_for_port, Envoy, EnvoyConfig, HttpClient};
 
 struct Args {
@@ -221,16 +222,6 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// utime + stime of a process, in seconds (clock ticks of 1/100 s on Linux).
-fn cpu_secs(pid: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
 fn threads(pid: u32) -> Option<u64> {
     status_kb(pid, "Threads:")
 }
@@ -250,8 +241,8 @@ fn sample(pid: u32, t0: Instant, c: &Counters) -> Sample {
         at: t0.elapsed(),
         rss_kb: status_kb(pid, "VmRSS:").unwrap_or(0),
         hwm_kb: status_kb(pid, "VmHWM:").unwrap_or(0),
-        cpu: cpu_secs(&pid.to_string()).unwrap_or(f64::NAN),
-        own_cpu: cpu_secs("self").unwrap_or(f64::NAN),
+        cpu: cpu_seconds(&pid.to_string()).unwrap_or(f64::NAN),
+        own_cpu: cpu_seconds("self").unwrap_or(f64::NAN),
         scrapes: c.scrapes.load(Ordering::Relaxed),
         posts: c.posts.load(Ordering::Relaxed),
     }
@@ -385,7 +376,7 @@ async fn main() -> anyhow::Result<()> {
         rss_kb: 0,
         hwm_kb: 0,
         cpu: 0.0,
-        own_cpu: cpu_secs("self").unwrap_or(0.0),
+        own_cpu: cpu_seconds("self").unwrap_or(0.0),
         scrapes: 0,
         posts: 0,
     };

@@ -439,27 +439,13 @@ impl Drop for Proc {
     }
 }
 
-/// utime + stime of a process in seconds (`/proc/<pid>/stat`, 100 ticks per second).
+/// CPU seconds of a process, NaN when it cannot be read.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    let Some(close) = text.rfind(')') else {
-        return f64::NAN;
-    };
-    let f: Vec<&str> = text[close + 2..].split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (tick(11) + tick(12)) / 100.0
+    infergate_testkit::procstat::cpu_seconds(&pid.to_string()).unwrap_or(f64::NAN)
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    Ok(infergate_testkit::free_port())
 }
 
 fn repo_root() -> PathBuf {

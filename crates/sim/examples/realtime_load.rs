@@ -22,6 +22,7 @@ use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use infergate_testkit::procstat::cpu_seconds;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -70,15 +71,6 @@ fn parse_args() -> Args {
         i += 2;
     }
     a
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 #[derive(Default)]
@@ -130,7 +122,7 @@ async fn run(a: Args) {
     let tally = Arc::new(Tally::default());
     let samples = Arc::new(parking_lot::Mutex::new(Vec::<(f64, f64)>::new()));
     let before = replica_figures(&client, &base, a.replicas).await;
-    let cpu0 = a.pid.and_then(cpu_seconds);
+    let cpu0 = a.pid.and_then(|p| cpu_seconds(&p.to_string()));
     let start = Instant::now();
     let mut rng = SmallRng::seed_from_u64(1);
     let mut t = 0.0;
@@ -195,7 +187,7 @@ async fn run(a: Args) {
     }
     let wall = start.elapsed().as_secs_f64();
     let cpu = match (a.pid, cpu0) {
-        (Some(pid), Some(c0)) => cpu_seconds(pid).map(|c1| (c1 - c0) / wall),
+        (Some(pid), Some(c0)) => cpu_seconds(&pid.to_string()).map(|c1| (c1 - c0) / wall),
         _ => None,
     };
 

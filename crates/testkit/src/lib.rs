@@ -27,6 +27,7 @@ pub mod envoy;
 pub mod http;
 pub mod model_server;
 pub mod ports;
+pub mod procstat;
 
 pub use envoy::{envoy_binary, BodyMode, Envoy, EnvoyConfig};
 pub use http::{get, post_json, post_json_stream, ChunkStream, HttpClient};
