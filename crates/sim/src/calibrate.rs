@@ -141,23 +141,21 @@ pub fn measure(cfg: &EngineConfig, q: Quantity) -> f64 {
             input_tokens,
             output_tokens,
             requests,
-        } => median(
-            open_loop(cfg, rate, input_tokens, output_tokens, requests)
-                .into_iter()
-                .map(|r| r.1)
-                .collect(),
-        ),
-        Quantity::OpenLoopTtft {
+        }
+        | Quantity::OpenLoopTtft {
             rate,
             input_tokens,
             output_tokens,
             requests,
-        } => median(
-            open_loop(cfg, rate, input_tokens, output_tokens, requests)
-                .into_iter()
-                .map(|r| r.0)
-                .collect(),
-        ),
+        } => {
+            let runs = open_loop(cfg, rate, input_tokens, output_tokens, requests);
+            let tpot = matches!(q, Quantity::OpenLoopTpot { .. });
+            median(
+                runs.into_iter()
+                    .map(|(ttft, tpot_)| if tpot { tpot_ } else { ttft })
+                    .collect(),
+            )
+        }
     }
 }
 
