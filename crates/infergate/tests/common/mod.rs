@@ -240,6 +240,20 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// The lines a child prints on `stdout`, read on a thread of their own.
+fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A running `infergate sim`, killed (by its PID) when dropped.
 pub struct Sim {
     pub child: Child,
@@ -258,15 +272,7 @@ impl Sim {
             .spawn()
             .expect("spawn infergate sim");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stdout);
         let mut sim = Sim {
             child,
             replicas: Vec::new(),
@@ -335,15 +341,7 @@ impl Serve {
         }
         let mut child = cmd.spawn().expect("spawn infergate serve");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stdout);
         let mut banner = Vec::new();
         loop {
             let line = match rx.recv_timeout(Duration::from_secs(20)) {
