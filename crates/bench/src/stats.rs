@@ -9,14 +9,15 @@
 //! - end-to-end = `done - sent`.
 //!
 //! Throughput is successful requests (and their output tokens) per second of `duration`.
-//! Every field is finite: empty sets give 0 (and `itl_p90` is `None`; [`Outcome`] carries
-//! no per-token times, so [`summarize`] never fills it).
+//! - ITL = each gap in [`Outcome::itl`] (the runner records them for streamed requests).
+//!
+//! Every field is finite: empty sets give 0, and `itl_p90` is `None` when no gap was recorded.
 
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 
 /// What one request did, as the runner records it (times in seconds from the run's start).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Outcome {
     pub index: u64,
     pub priority: i32,
@@ -28,6 +29,10 @@ pub struct Outcome {
     /// true when the router refused it as sheddable (429)
     pub shed: bool,
     pub error: Option<String>,
+    /// Gaps between consecutive streamed chunks after the first, in seconds (empty when the
+    /// runner does not see individual tokens, as with unstreamed requests).
+    #[serde(skip)]
+    pub itl: Vec<f32>,
 }
 
 impl Outcome {
@@ -105,7 +110,8 @@ impl LatencyHistogram {
 
 /// Summarises `outcomes` over a run of `duration` seconds.
 pub fn summarize(outcomes: &[Outcome], duration: f64) -> Summary {
-    let (mut ttft, mut tpot, mut e2e) = (
+    let (mut ttft, mut tpot, mut e2e, mut itl) = (
+        LatencyHistogram::new(),
         LatencyHistogram::new(),
         LatencyHistogram::new(),
         LatencyHistogram::new(),
@@ -123,6 +129,9 @@ pub fn summarize(outcomes: &[Outcome], duration: f64) -> Summary {
         ok += 1;
         tokens += u64::from(o.output_tokens);
         e2e.record(o.done - o.sent);
+        for &gap in &o.itl {
+            itl.record(f64::from(gap));
+        }
         if let Some(ft) = o.first_token {
             ttft.record(ft - o.sent);
             if o.output_tokens >= 2 {
@@ -147,7 +156,7 @@ pub fn summarize(outcomes: &[Outcome], duration: f64) -> Summary {
         ttft_p99: ttft.quantile(0.99),
         tpot_p50: tpot.quantile(0.5),
         tpot_p90: tpot.quantile(0.9),
-        itl_p90: None,
+        itl_p90: (!itl.is_empty()).then(|| itl.quantile(0.9)),
         e2e_p50: e2e.quantile(0.5),
         e2e_p90: e2e.quantile(0.9),
         e2e_p99: e2e.quantile(0.99),

@@ -189,6 +189,7 @@ pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Ou
             status: 0,
             shed: false,
             error: None,
+            itl: Vec::new(),
         })
         .collect();
     let mut live: HashMap<(usize, RequestId), Live> = HashMap::new();

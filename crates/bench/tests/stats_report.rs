@@ -13,6 +13,7 @@ fn ok(index: u64, priority: i32, sent: f64, ttft: f64, e2e: f64, tokens: u32) ->
         status: 200,
         shed: false,
         error: None,
+        itl: Vec::new(),
     }
 }
 
@@ -114,6 +115,7 @@ fn shed_and_errors_counted_and_priorities_split() {
         status: 429,
         shed: true,
         error: None,
+        itl: Vec::new(),
     });
     os.push(Outcome {
         index: 4,
@@ -125,6 +127,7 @@ fn shed_and_errors_counted_and_priorities_split() {
         status: 503,
         shed: false,
         error: Some("no capacity".into()),
+        itl: Vec::new(),
     });
     os.push(Outcome {
         index: 5,
@@ -136,6 +139,7 @@ fn shed_and_errors_counted_and_priorities_split() {
         status: 0,
         shed: false,
         error: Some("reset".into()),
+        itl: Vec::new(),
     });
     let s = summarize(&os, 2.0);
     assert_eq!((s.requests, s.ok, s.errors, s.shed), (6, 3, 2, 1));
@@ -171,6 +175,7 @@ fn run(router: &str, qps: f64, ttft_p90_ms: f64) -> RunReport {
         status: 429,
         shed: true,
         error: None,
+        itl: Vec::new(),
     });
     os.push(Outcome {
         index: 11,
@@ -182,6 +187,7 @@ fn run(router: &str, qps: f64, ttft_p90_ms: f64) -> RunReport {
         status: 500,
         shed: false,
         error: Some("x".into()),
+        itl: Vec::new(),
     });
     os.push(Outcome {
         index: 12,
@@ -193,6 +199,7 @@ fn run(router: &str, qps: f64, ttft_p90_ms: f64) -> RunReport {
         status: 500,
         shed: false,
         error: Some("x".into()),
+        itl: Vec::new(),
     });
     os.push(Outcome {
         index: 13,
@@ -204,6 +211,7 @@ fn run(router: &str, qps: f64, ttft_p90_ms: f64) -> RunReport {
         status: 500,
         shed: false,
         error: Some("x".into()),
+        itl: Vec::new(),
     });
     let summary = summarize(&os, 10.0);
     RunReport {
@@ -311,4 +319,22 @@ fn svg_is_well_formed_with_one_ordered_line_per_router() {
     // Empty input still gives a valid document.
     let empty = svg_chart(&[], "t", |s| s.ttft_p90, "y");
     assert!(empty.starts_with("<svg") && empty.ends_with("</svg>") && !empty.contains("<polyline"));
+}
+
+#[test]
+fn itl_percentile_comes_from_every_recorded_gap() {
+    let mut a = ok(0, 0, 0.0, 0.1, 1.0, 4);
+    a.itl = vec![0.01, 0.02, 0.03];
+    let mut b = ok(1, 0, 0.0, 0.1, 1.0, 8);
+    b.itl = vec![0.01; 6];
+    b.itl.push(0.5);
+    // 10 gaps: 8 small, 0.03, 0.5; the 90th percentile is the 9th smallest.
+    let s = summarize(&[a.clone(), b], 1.0);
+    assert!(
+        close(s.itl_p90.expect("gaps recorded"), 0.03),
+        "{:?}",
+        s.itl_p90
+    );
+    a.itl.clear();
+    assert_eq!(summarize(&[a], 1.0).itl_p90, None);
 }
