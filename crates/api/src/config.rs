@@ -169,6 +169,9 @@ pub enum PluginKind {
     TokenLoadScorer,
     /// `inflight-load-scorer` (infergate's own): fewer requests dispatched by us score higher.
     InflightLoadScorer,
+    /// `predicted-latency-scorer` (infergate's own): lowest predicted time to first token
+    /// scores highest.
+    PredictedLatencyScorer(PredictedLatencyParams),
     /// `max-score-picker`: highest score, ties at random.
     MaxScorePicker(PickerParams),
     /// `random-picker`: uniformly at random.
@@ -208,6 +211,7 @@ pub const KNOWN_PLUGIN_TYPES: &[&str] = &[
     "prefix-cache-scorer",
     "token-load-scorer",
     "inflight-load-scorer",
+    "predicted-latency-scorer",
     "max-score-picker",
     "random-picker",
     "weighted-random-picker",
@@ -235,6 +239,7 @@ impl PluginKind {
             PluginKind::PrefixCacheScorer(_) => "prefix-cache-scorer",
             PluginKind::TokenLoadScorer => "token-load-scorer",
             PluginKind::InflightLoadScorer => "inflight-load-scorer",
+            PluginKind::PredictedLatencyScorer(_) => "predicted-latency-scorer",
             PluginKind::MaxScorePicker(_) => "max-score-picker",
             PluginKind::RandomPicker(_) => "random-picker",
             PluginKind::WeightedRandomPicker(_) => "weighted-random-picker",
@@ -262,7 +267,8 @@ impl PluginKind {
             | PluginKind::LoraAffinityScorer
             | PluginKind::PrefixCacheScorer(_)
             | PluginKind::TokenLoadScorer
-            | PluginKind::InflightLoadScorer => Scorer,
+            | PluginKind::InflightLoadScorer
+            | PluginKind::PredictedLatencyScorer(_) => Scorer,
             PluginKind::MaxScorePicker(_)
             | PluginKind::RandomPicker(_)
             | PluginKind::WeightedRandomPicker(_) => Picker,
@@ -293,6 +299,7 @@ impl PluginKind {
             "prefix-cache-scorer" => params.get().map(PrefixCacheScorer),
             "token-load-scorer" => none(TokenLoadScorer),
             "inflight-load-scorer" => none(InflightLoadScorer),
+            "predicted-latency-scorer" => params.get().map(PredictedLatencyScorer),
             "max-score-picker" => params.get().map(MaxScorePicker),
             "random-picker" => params.get().map(RandomPicker),
             "weighted-random-picker" => params.get().map(WeightedRandomPicker),
@@ -346,6 +353,20 @@ impl PluginKind {
                 at_least_one(errors, "maxNumOfEndpoints", p.max_num_of_endpoints);
             }
             PluginKind::PrefixCacheAffinityFilter(p) => unit(errors, "threshold", p.threshold),
+            PluginKind::PredictedLatencyScorer(p) => {
+                if !(p.duplicate_cost.is_finite() && p.duplicate_cost >= 0.0) {
+                    errors.push(FieldError::new(
+                        at.key("duplicateCost"),
+                        format!("{} must be a number >= 0", p.duplicate_cost),
+                    ));
+                }
+                if !(p.prior_tokens_per_second.is_finite() && p.prior_tokens_per_second > 0.0) {
+                    errors.push(FieldError::new(
+                        at.key("priorTokensPerSecond"),
+                        format!("{} must be a number > 0", p.prior_tokens_per_second),
+                    ));
+                }
+            }
             PluginKind::LoraAffinityFilter(p) => unit(errors, "threshold", p.threshold),
             PluginKind::UtilizationDetector(p) => {
                 at_least_one(errors, "queueDepthThreshold", p.queue_depth_threshold);
@@ -496,6 +517,43 @@ impl Default for UtilizationDetectorParams {
             kv_cache_util_threshold: 0.8,
             metrics_staleness_threshold: Duration::from_millis(200),
             headroom: 0.0,
+        }
+    }
+}
+
+/// Parameters of `predicted-latency-scorer`. Durations are Go durations in YAML (`50ms`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PredictedLatencyParams {
+    /// Prefill speed assumed before any endpoint has returned a first token.
+    pub prior_tokens_per_second: f64,
+    /// Fixed part of the TTFT assumed before any sample.
+    #[serde(deserialize_with = "deserialize_go_duration")]
+    pub prior_overhead: Duration,
+    /// Cost of loading an adapter into a free slot.
+    #[serde(deserialize_with = "deserialize_go_duration")]
+    pub lora_load_time: Duration,
+    /// Cost of an adapter request landing where every slot holds another adapter.
+    #[serde(deserialize_with = "deserialize_go_duration")]
+    pub lora_wait_time: Duration,
+    /// How fast an endpoint's learned speed fades toward the pool's when it stops
+    /// returning samples.
+    #[serde(deserialize_with = "deserialize_go_duration")]
+    pub memory: Duration,
+    /// Extra cost, in prompt tokens per token, of recomputing a prefix another endpoint
+    /// already holds (0 prices only the request's own prefill).
+    pub duplicate_cost: f64,
+}
+
+impl Default for PredictedLatencyParams {
+    fn default() -> Self {
+        PredictedLatencyParams {
+            prior_tokens_per_second: 30_000.0,
+            prior_overhead: Duration::from_millis(20),
+            lora_load_time: Duration::from_millis(50),
+            lora_wait_time: Duration::from_secs(2),
+            memory: Duration::from_secs(2),
+            duplicate_cost: 0.0,
         }
     }
 }
@@ -652,7 +710,52 @@ impl Params<'_> {
     }
 }
 
+/// The profiles infergate ships, by the name `--profile` takes.
+pub const BUILTIN_PROFILES: &[&str] = &["infergate", "reference"];
+
+/// infergate's default profile, chosen in the benchmark lab (BENCHMARKS.md): the
+/// reference's scorers, the LoRA-affinity scorer, and our predicted-latency scorer.
+pub const INFERGATE_PROFILE_YAML: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-scorer
+  parameters: {duplicateCost: 3}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: lora-affinity-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: infergate
+  plugins:
+  - pluginRef: predicted-latency-scorer
+    weight: 1
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: lora-affinity-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
 impl EndpointPickerConfig {
+    /// A built-in profile by name (see [`BUILTIN_PROFILES`]): `reference` is the
+    /// reference's default, `infergate` ours.
+    pub fn builtin(name: &str) -> Option<Self> {
+        match name {
+            "reference" => Some(Self::default_config()),
+            "infergate" => Some(
+                Self::from_yaml_str(INFERGATE_PROFILE_YAML, "<builtin infergate>")
+                    .expect("the built-in profile is valid (tested)"),
+            ),
+            _ => None,
+        }
+    }
+
     /// The configuration used when no file is given: the reference's default profile.
     pub fn default_config() -> Self {
         let raw = RawConfig {

@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         .generate();
         for (name, router) in [
             ("round-robin", Router::RoundRobin),
-            ("infergate-default", Router::infergate_default()?),
+            ("infergate", Router::infergate()?),
             (
                 "default+lora-affinity",
                 Router::from_yaml(WITH_LORA_AFFINITY, true)?,

@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         .generate();
         for (name, router) in [
             ("round-robin", Router::RoundRobin),
-            ("infergate-default", Router::infergate_default()?),
+            ("infergate", Router::infergate()?),
         ] {
             let report = run_report(&pool, &router, name, "chat", qps, &specs);
             for (prio, s) in report.by_priority.iter().rev() {

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         for (name, router) in [
             ("round-robin", Router::RoundRobin),
             ("reference-default", Router::reference_default()?),
-            ("infergate-default", Router::infergate_default()?),
+            ("infergate", Router::infergate()?),
         ] {
             let wall = Instant::now();
             reports.push(run_report(&pool, &router, name, kind, qps, &specs));

@@ -39,9 +39,16 @@ impl Router {
         Self::default_profile(false)
     }
 
-    /// The same profile with our in-flight accounting on (infergate's default).
-    pub fn infergate_default() -> anyhow::Result<Router> {
+    /// The reference's profile with our in-flight accounting on.
+    pub fn reference_with_inflight() -> anyhow::Result<Router> {
         Self::default_profile(true)
+    }
+
+    /// infergate's built-in profile, as `infergate serve` and `infergate epp` run by default.
+    pub fn infergate() -> anyhow::Result<Router> {
+        let cfg = infergate_api::config::EndpointPickerConfig::builtin("infergate")
+            .ok_or_else(|| anyhow::anyhow!("no built-in profile \"infergate\""))?;
+        Self::from_config(cfg, true)
     }
 
     /// A profile from EndpointPickerConfig YAML (what `--config-file` takes), for comparing
@@ -140,7 +147,8 @@ fn addr(i: usize) -> SocketAddr {
 struct Live {
     spec_index: usize,
     first_token: Option<f64>,
-    _guard: Option<InflightGuard>,
+    /// Held until the request finishes; told of the first token, as a streaming gateway is.
+    guard: Option<InflightGuard>,
 }
 
 /// Runs `specs` (in arrival order) through `router` on a fresh pool; one outcome per spec,
@@ -208,6 +216,9 @@ pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Ou
             };
             if l.first_token.is_none() {
                 l.first_token = Some(e.time);
+                if let Some(g) = &mut l.guard {
+                    g.first_token(Duration::from_secs_f64(e.time));
+                }
             }
             if let Some(f) = e.output.finished {
                 let l = live.remove(&key).expect("live");
@@ -283,7 +294,7 @@ pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Ou
             Live {
                 spec_index: si,
                 first_token: None,
-                _guard: guard,
+                guard,
             },
         );
     }

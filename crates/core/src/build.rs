@@ -6,13 +6,16 @@
 
 use std::time::Duration;
 
-use infergate_api::config::{EndpointPickerConfig, PluginCategory, PluginKind, PrefixCacheParams};
+use infergate_api::config::{
+    EndpointPickerConfig, PluginCategory, PluginKind, PredictedLatencyParams, PrefixCacheParams,
+};
 use infergate_api::pool_file::PoolFile;
 use infergate_api::resources::{InferenceModel, InferenceModelRewrite, InferenceObjective};
 
 use crate::datastore::Policy;
 use crate::director::SchedulerConfig;
 use crate::endpoint::EndpointSpec;
+use crate::latency::{Line, PredictedLatencyScorer};
 use crate::objective::{Objective, Rewrite, RewriteRule, RewriteTarget};
 use crate::prefix::{PrefixConfig, CHARS_PER_TOKEN};
 use crate::saturation::SaturationConfig;
@@ -58,6 +61,7 @@ pub fn scheduler_config(
             PluginKind::LoraAffinityScorer => scorers.push((Box::new(LoraAffinityScorer), pr.weight())),
             PluginKind::TokenLoadScorer => scorers.push((Box::new(TokenLoadScorer), pr.weight())),
             PluginKind::InflightLoadScorer => scorers.push((Box::new(InflightLoadScorer), pr.weight())),
+            PluginKind::PredictedLatencyScorer(p) => scorers.push((Box::new(predicted_latency(p)), pr.weight())),
             PluginKind::PrefixCacheScorer(p) => {
                 prefix = prefix_config(p);
                 scorers.push((Box::new(PrefixCacheScorer), pr.weight()));
@@ -132,6 +136,19 @@ pub fn scheduler_config(
         inflight_accounting: true,
         strict_models: false,
     })
+}
+
+fn predicted_latency(p: &PredictedLatencyParams) -> PredictedLatencyScorer {
+    PredictedLatencyScorer {
+        prior: Line {
+            intercept: p.prior_overhead.as_secs_f64(),
+            slope: 1.0 / p.prior_tokens_per_second,
+        },
+        lora_load: p.lora_load_time,
+        lora_wait: p.lora_wait_time,
+        memory: p.memory,
+        duplicate_cost: p.duplicate_cost,
+    }
 }
 
 /// The prefix index's settings from a `prefix-cache-scorer`'s parameters.

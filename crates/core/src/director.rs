@@ -122,17 +122,33 @@ impl From<BodyError> for PickError {
     }
 }
 
-/// Marks one dispatched request as outstanding on an endpoint until dropped.
+/// Marks one dispatched request as outstanding on an endpoint until dropped, and its
+/// prefill as queued there until [`InflightGuard::first_token`] (or the drop).
 #[derive(Debug)]
 pub struct InflightGuard {
     endpoint: Arc<Endpoint>,
     tokens: u64,
+    /// Uncached prompt tokens the endpoint must prefill for this request.
+    prefill: u64,
+    /// Prefill this picker had queued there at dispatch, ahead of this request.
+    ahead: u64,
+    sent_at: Duration,
+    prefill_pending: bool,
 }
 
 impl InflightGuard {
-    fn new(endpoint: Arc<Endpoint>, tokens: u64) -> Self {
+    fn new(endpoint: Arc<Endpoint>, tokens: u64, prefill: u64, now: Duration) -> Self {
         endpoint.add_inflight(tokens);
-        InflightGuard { endpoint, tokens }
+        let ahead = endpoint.latency().prefill_tokens();
+        endpoint.latency().add_prefill(prefill);
+        InflightGuard {
+            endpoint,
+            tokens,
+            prefill,
+            ahead,
+            sent_at: now,
+            prefill_pending: true,
+        }
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
@@ -143,15 +159,41 @@ impl InflightGuard {
     pub fn move_to(&mut self, endpoint: Arc<Endpoint>) {
         if !Arc::ptr_eq(&endpoint, &self.endpoint) {
             endpoint.add_inflight(self.tokens);
+            if self.prefill_pending {
+                endpoint.latency().add_prefill(self.prefill);
+            }
             let old = std::mem::replace(&mut self.endpoint, endpoint);
             old.sub_inflight(self.tokens);
+            if self.prefill_pending {
+                old.latency().sub_prefill(self.prefill);
+            }
+            // What was queued at the first endpoint says nothing about this one.
+            self.ahead = 0;
         }
+    }
+
+    /// The first output token of a streamed response reached the gateway at `now`: the
+    /// prefill is done, and its time teaches the endpoint's TTFT line. Call it for streamed
+    /// responses only (an unstreamed body arrives whole, long after the first token); later
+    /// calls do nothing.
+    pub fn first_token(&mut self, now: Duration) {
+        if !self.prefill_pending {
+            return;
+        }
+        self.prefill_pending = false;
+        let lat = self.endpoint.latency();
+        lat.sub_prefill(self.prefill);
+        let ttft = now.saturating_sub(self.sent_at).as_secs_f64();
+        lat.observe((self.ahead + self.prefill) as f64, ttft, now);
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.endpoint.sub_inflight(self.tokens);
+        if self.prefill_pending {
+            self.endpoint.latency().sub_prefill(self.prefill);
+        }
     }
 }
 
@@ -402,6 +444,13 @@ impl Director {
                 .index
                 .insert(endpoint.id, &hashes, blocks);
         }
+        let uncached = match hashes.len() {
+            0 => prompt_tokens,
+            n => {
+                let hit = views[primary].prefix_blocks.min(n);
+                prompt_tokens - prompt_tokens * hit as u64 / n as u64
+            }
+        };
         self.decisions.fetch_add(1, Ordering::Relaxed);
         let (stream, include_usage) = parsed
             .as_ref()
@@ -417,7 +466,7 @@ impl Director {
             stream,
             include_usage,
             prompt_tokens,
-            inflight: InflightGuard::new(endpoint, prompt_tokens),
+            inflight: InflightGuard::new(endpoint, prompt_tokens, uncached, now),
         })
     }
 

@@ -4,6 +4,7 @@
 //! Nothing here does I/O. Scrapers write [`EndpointMetrics`] in with the time they were
 //! taken; the scheduler reads them, together with the in-flight counters, to score.
 
+use crate::latency::EndpointLatency;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -87,6 +88,8 @@ pub struct Endpoint {
     hot: HotMetrics,
     inflight_requests: AtomicU64,
     inflight_tokens: AtomicU64,
+    /// Prefill queued here by this picker and the endpoint's observed speed.
+    latency: EndpointLatency,
 }
 
 /// Lock-free copies of the scraped numbers the scheduler reads on every request. Fields
@@ -126,6 +129,7 @@ impl Endpoint {
             },
             inflight_requests: AtomicU64::new(0),
             inflight_tokens: AtomicU64::new(0),
+            latency: EndpointLatency::default(),
         }
     }
 
@@ -185,6 +189,11 @@ impl Endpoint {
     /// Prompt tokens of those requests.
     pub fn inflight_tokens(&self) -> u64 {
         self.inflight_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Queued prefill and the fitted TTFT line (see [`crate::latency`]).
+    pub fn latency(&self) -> &EndpointLatency {
+        &self.latency
     }
 
     pub(crate) fn add_inflight(&self, tokens: u64) {

@@ -11,6 +11,7 @@ pub mod build;
 pub mod datastore;
 pub mod director;
 pub mod endpoint;
+pub mod latency;
 pub mod objective;
 pub mod prefix;
 pub mod request;

@@ -13,6 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, RngCore};
 
 use crate::endpoint::{Endpoint, LoraState};
+use crate::latency::LatencyView;
 
 /// One candidate as the scheduler sees it for one request: plain numbers copied from the
 /// endpoint's last scrape and counters, so scoring touches no locks or reference counts.
@@ -34,6 +35,8 @@ pub struct EndpointView<'a> {
     pub inflight_tokens: u64,
     /// Leading prompt blocks this endpoint probably has cached.
     pub prefix_blocks: usize,
+    /// Prefill this picker has queued there, and its observed speed.
+    pub latency: LatencyView,
 }
 
 impl<'a> EndpointView<'a> {
@@ -93,6 +96,11 @@ impl<'a> EndpointView<'a> {
             inflight_requests,
             inflight_tokens,
             prefix_blocks: 0,
+            latency: if use_inflight {
+                endpoint.latency().view(now)
+            } else {
+                LatencyView::default()
+            },
         }
     }
 
@@ -127,6 +135,10 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
 /// Rates each candidate in [0, 1]; `out[i]` belongs to `cands[i]`.
 pub trait Scorer: Send + Sync + std::fmt::Debug {
     fn type_name(&self) -> &'static str;
+    /// Whether it reads [`EndpointView::prefix_blocks`] (so the prefix index must be kept).
+    fn uses_prefix(&self) -> bool {
+        false
+    }
     fn score(
         &self,
         req: &RequestFacts,
@@ -246,6 +258,9 @@ pub struct PrefixCacheScorer;
 impl Scorer for PrefixCacheScorer {
     fn type_name(&self) -> &'static str {
         "prefix-cache-scorer"
+    }
+    fn uses_prefix(&self) -> bool {
+        true
     }
     fn score(
         &self,
@@ -600,9 +615,7 @@ impl Profile {
 
     /// Whether any plugin needs the prefix index.
     pub fn uses_prefix(&self) -> bool {
-        self.scorers
-            .iter()
-            .any(|(s, _)| s.type_name() == "prefix-cache-scorer")
+        self.scorers.iter().any(|(s, _)| s.uses_prefix())
             || self
                 .filters
                 .iter()

@@ -546,6 +546,13 @@ impl Exchange {
         } = b;
         if self.resp.first_byte_at.is_none() && !body.is_empty() {
             self.resp.first_byte_at = Some(now);
+            // A stream's first bytes carry its first token: the prefill is done, and the
+            // picker learns the endpoint's speed from it (see core::latency).
+            if self.resp.sse {
+                if let Some(d) = self.decision.as_mut() {
+                    d.inflight.first_token(now);
+                }
+            }
         }
         self.resp.bytes += body.len() as u64;
         if self.resp.sse {

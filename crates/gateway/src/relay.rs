@@ -216,7 +216,7 @@ pub struct Relay {
     rename: Option<Rename>,
     ended: Option<End>,
     ledger: Option<Ledger>,
-    _inflight: Option<InflightGuard>,
+    inflight: Option<InflightGuard>,
     gw: Arc<Gateway>,
 }
 
@@ -265,7 +265,7 @@ impl Relay {
                 .map(|(served, asked)| Rename::new(&served, &asked, p.sse)),
             ended: None,
             ledger: p.ledger,
-            _inflight: p.inflight,
+            inflight: p.inflight,
             gw,
         };
         match p.first {
@@ -292,7 +292,15 @@ impl Relay {
         }
         self.bytes += data.len() as u64;
         if self.first_byte_at.is_none() {
-            self.first_byte_at = Some((self.gw.clock)());
+            let now = (self.gw.clock)();
+            self.first_byte_at = Some(now);
+            // A stream's first bytes carry its first token: the prefill is done, and the
+            // picker learns the endpoint's speed from it (see core::latency).
+            if self.is_sse() {
+                if let Some(g) = self.inflight.as_mut() {
+                    g.first_token(now);
+                }
+            }
         }
         match data.len() {
             1 => self.last2 = [self.last2[1], data[0]],
@@ -324,7 +332,7 @@ impl Relay {
         self.ended = Some(how);
         self.upstream = None;
         self.idle_sleep = None;
-        self._inflight = None;
+        self.inflight = None;
         let Some(ledger) = self.ledger.take() else {
             return;
         };

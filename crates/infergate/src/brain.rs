@@ -38,9 +38,15 @@ pub struct PoolArgs {
     /// Timeout of one scrape.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub metrics_timeout: Duration,
-    /// EndpointPickerConfig YAML; the reference's default profile when absent.
+    /// EndpointPickerConfig YAML; the built-in `--profile` when absent.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
+    /// Built-in scheduling profile when no --config-file is given: `infergate` (ours:
+    /// predicted latency, queue, KV and prefix scorers, with in-flight accounting) or
+    /// `reference` (the reference picker's default profile, without in-flight accounting,
+    /// as it ships), to compare.
+    #[arg(long, default_value = "infergate", value_parser = clap::builder::PossibleValuesParser::new(infergate_api::config::BUILTIN_PROFILES), conflicts_with = "config_file")]
+    pub profile: String,
     /// Static pool: comma-separated ip:port list.
     #[arg(long, value_delimiter = ',', conflicts_with = "pool_file")]
     pub endpoints: Vec<SocketAddr>,
@@ -65,21 +71,31 @@ pub struct PoolArgs {
     pub seed: u64,
 }
 
-/// Load and build the scheduler config, or the default one.
+/// Load and build the scheduler config from `path`, or the built-in profile `builtin`.
 pub fn scheduler_config(
     path: Option<&Path>,
+    builtin: &str,
     staleness: Duration,
 ) -> anyhow::Result<(EndpointPickerConfig, SchedulerConfig)> {
     let cfg = match path {
         Some(p) => EndpointPickerConfig::load(p)?,
-        None => EndpointPickerConfig::default_config(),
+        None => EndpointPickerConfig::builtin(builtin).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown profile {builtin:?}; built in: {}",
+                infergate_api::config::BUILTIN_PROFILES.join(", ")
+            )
+        })?,
     };
-    let sched = build::scheduler_config(&cfg, staleness).map_err(|e| {
+    let mut sched = build::scheduler_config(&cfg, staleness).map_err(|e| {
         anyhow::anyhow!(
             "{}: {e}",
-            path.map_or("default config".into(), |p| p.display().to_string())
+            path.map_or(format!("profile {builtin}"), |p| p.display().to_string())
         )
     })?;
+    // The reference counts nothing it sent since the last scrape; compare like with like.
+    if path.is_none() && builtin == "reference" {
+        sched.inflight_accounting = false;
+    }
     Ok((cfg, sched))
 }
 
@@ -103,6 +119,7 @@ impl Brain {
 
         let (cfg, mut sched) = scheduler_config(
             args.config_file.as_deref(),
+            &args.profile,
             args.metrics_staleness_threshold,
         )?;
         sched.strict_models = args.strict_models;

@@ -47,7 +47,7 @@ pub fn check(config: Option<&Path>, pool: Option<&Path>) -> anyhow::Result<()> {
         anyhow::bail!("nothing to check: pass --config-file and/or --pool-file");
     }
     if let Some(p) = config {
-        let (_, s) = scheduler_config(Some(p), Duration::from_secs(2))?;
+        let (_, s) = scheduler_config(Some(p), "infergate", Duration::from_secs(2))?;
         let scorers: Vec<String> = s
             .profile
             .scorers

@@ -1,5 +1,6 @@
 //! The `infergate` command: thin wiring of the workspace's crates behind subcommands.
 
+mod bench;
 mod brain;
 mod epp;
 mod pool_source;
@@ -27,6 +28,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run simulated vLLM replicas (OpenAI API, vLLM /metrics, injectable faults).
     Sim(Box<sim::SimArgs>),
+    /// Load-test OpenAI-compatible servers with a bench-lab workload and write a report.
+    Bench(Box<bench::BenchArgs>),
     /// Check configuration files and print what they mean, without serving.
     Config {
         #[command(subcommand)]
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Epp(args) => epp::run(*args),
         Command::Sim(args) => sim::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::Bench(args) => bench::run(*args),
         Command::Config {
             command:
                 ConfigCommand::Check {

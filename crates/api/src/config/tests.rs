@@ -485,3 +485,28 @@ fn example_config_loads() {
     assert_eq!(picker, 1);
     assert!(config.plugin("approx-prefix-cache-producer").is_some());
 }
+
+#[test]
+fn builtin_profiles_parse_and_unknown_names_do_not() {
+    for name in BUILTIN_PROFILES {
+        let cfg = EndpointPickerConfig::builtin(name).expect(name);
+        assert_eq!(cfg.scheduling_profiles.len(), 1, "{name}");
+    }
+    let ours = EndpointPickerConfig::builtin("infergate").unwrap();
+    assert!(ours.plugins.iter().any(
+        |p| matches!(&p.kind, PluginKind::PredictedLatencyScorer(q) if q.duplicate_cost == 3.0)
+    ));
+    assert_eq!(EndpointPickerConfig::builtin("fastest"), None);
+}
+
+#[test]
+fn predicted_latency_params_are_checked() {
+    let text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: predicted-latency-scorer\n  parameters: {priorTokensPerSecond: 0, duplicateCost: -1, loraWaitTime: 3s}\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: predicted-latency-scorer\n";
+    let err = EndpointPickerConfig::from_yaml_str(text, "epp.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("priorTokensPerSecond") && err.contains("duplicateCost"),
+        "{err}"
+    );
+}
