@@ -96,7 +96,9 @@ const COLORS: [&str; 8] = [
 /// like the GIE blog's charts; self-contained SVG text, no dependencies.
 ///
 /// Routers appear in the order of their first run; each line's points are sorted by QPS.
-/// Non-finite metric values are left out.
+/// Non-finite metric values are left out. When the values span more than 50x (a router
+/// past saturation next to one that is not), the y axis is logarithmic, with decade ticks,
+/// so both stay readable; the axis label says so.
 pub fn svg_chart(
     runs: &[RunReport],
     title: &str,
@@ -119,11 +121,21 @@ pub fn svg_chart(
     }
     let all = routers.iter().flat_map(|(_, p)| p.iter());
     let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
+    let mut y_min_pos = f64::INFINITY;
     for &(x, y) in all {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y1 = y1.max(y);
+        if y > 0.0 {
+            y_min_pos = y_min_pos.min(y);
+        }
     }
+    let log = y_min_pos.is_finite() && y1 / y_min_pos > 50.0;
+    let (d0, d1) = if log {
+        (y_min_pos.log10().floor(), y1.log10().ceil())
+    } else {
+        (0.0, 1.0)
+    };
     if !x0.is_finite() {
         (x0, x1) = (0.0, 1.0);
     }
@@ -136,7 +148,25 @@ pub fn svg_chart(
     let (l, r, t, b) = (70.0, 190.0, 40.0, 50.0);
     let (pw, ph) = (w - l - r, h - t - b);
     let px = |x: f64| l + (x - x0) / (x1 - x0) * pw;
-    let py = |y: f64| t + ph - y / y1 * ph;
+    let py = |y: f64| {
+        if log {
+            let v = y.max(10f64.powf(d0)).log10();
+            t + ph - (v - d0) / (d1 - d0) * ph
+        } else {
+            t + ph - y / y1 * ph
+        }
+    };
+    let y_label = if log {
+        format!("{y_label} (log scale)")
+    } else {
+        y_label.to_owned()
+    };
+    let y_ticks: Vec<f64> = if log {
+        (d0 as i32..=d1 as i32).map(|k| 10f64.powi(k)).collect()
+    } else {
+        let n = (y1 / ys).round() as usize;
+        (0..=n).map(|k| k as f64 * ys).collect()
+    };
 
     let mut s = String::new();
     let _ = writeln!(
@@ -151,8 +181,7 @@ pub fn svg_chart(
         esc(title)
     );
     // Grid and ticks.
-    let mut v = 0.0;
-    while v <= y1 + ys / 2.0 {
+    for &v in &y_ticks {
         let y = py(v);
         let _ = writeln!(
             s,
@@ -166,7 +195,6 @@ pub fn svg_chart(
             y + 4.0,
             fmt_tick(v)
         );
-        v += ys;
     }
     let mut v = x0;
     while v <= x1 + xs / 2.0 {
@@ -199,7 +227,7 @@ pub fn svg_chart(
         r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
         t + ph / 2.0,
         t + ph / 2.0,
-        esc(y_label)
+        esc(&y_label)
     );
     // One line per router, and the legend.
     for (i, (name, pts)) in routers.iter().enumerate() {

@@ -18,7 +18,7 @@ use infergate_sim::tokens::tokenize;
 use infergate_sim::vclock::{Cluster, Event};
 use infergate_sim::{Engine, EngineConfig, Prompt, RequestId, SimRequest};
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use crate::report::RunReport;
 use crate::stats::{by_priority, summarize, Outcome};
@@ -26,8 +26,11 @@ use crate::workload::RequestSpec;
 
 /// Who picks the replica.
 pub enum Router {
-    /// The Kubernetes Service baseline.
+    /// A Kubernetes Service in IPVS mode (round robin): the baseline of issue 5.
     RoundRobin,
+    /// A Kubernetes Service in kube-proxy's default iptables mode: each connection goes to
+    /// a backend chosen uniformly at random.
+    Random,
     /// `core`'s Director; each run builds a fresh scheduler (and prefix index) from this.
     Director(Box<dyn Fn() -> SchedulerConfig>),
 }
@@ -93,6 +96,9 @@ pub struct VirtualPool {
     /// InferenceObjectives the Director knows: name and priority.
     pub objectives: Vec<(String, i32)>,
     pub seed: u64,
+    /// Per-replica step-time multipliers (replica `i` takes `slowdown[i]`, 1 past the end):
+    /// a pool of mixed GPUs. Empty means every replica runs at the profile's speed.
+    pub slowdown: Vec<f64>,
 }
 
 impl VirtualPool {
@@ -113,6 +119,7 @@ impl VirtualPool {
             scrape_interval: 0.05,
             objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
             seed: 1,
+            slowdown: Vec::new(),
         })
     }
 }
@@ -155,11 +162,22 @@ struct Live {
 /// in spec order. Times are virtual seconds from the start.
 pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Outcome> {
     let engines = (0..pool.replicas)
-        .map(|i| Engine::new(pool.engine.clone(), pool.seed.wrapping_add(i as u64)))
+        .map(|i| {
+            let mut cfg = pool.engine.clone();
+            if let Some(&k) = pool.slowdown.get(i) {
+                let st = &mut cfg.step;
+                st.base *= k;
+                st.prefill_token *= k;
+                st.decode_seq *= k;
+                st.context_token *= k;
+                st.prefill_pair *= k;
+            }
+            Engine::new(cfg, pool.seed.wrapping_add(i as u64))
+        })
         .collect();
     let mut cluster = Cluster::new(engines);
     let (ds, director) = match router {
-        Router::RoundRobin => (None, None),
+        Router::RoundRobin | Router::Random => (None, None),
         Router::Director(build) => {
             let ds = Datastore::new();
             ds.set_endpoints(
@@ -246,6 +264,7 @@ pub fn run(pool: &VirtualPool, router: &Router, specs: &[RequestSpec]) -> Vec<Ou
         handle(&mut events, &mut live, &mut outcomes);
 
         let (target, guard) = match &director {
+            None if matches!(router, Router::Random) => (rng.random_range(0..pool.replicas), None),
             None => {
                 rr = (rr + 1) % pool.replicas;
                 (rr, None)

@@ -338,3 +338,30 @@ fn itl_percentile_comes_from_every_recorded_gap() {
     a.itl.clear();
     assert_eq!(summarize(&[a], 1.0).itl_p90, None);
 }
+
+#[test]
+fn svg_switches_to_a_log_axis_when_values_span_decades() {
+    let runs = vec![
+        run("rr", 10.0, 20.0),
+        run("rr", 20.0, 20_000.0),
+        run("ig", 10.0, 15.0),
+        run("ig", 20.0, 30.0),
+    ];
+    let svg = svg_chart(&runs, "t", |s| s.ttft_p90 * 1e3, "TTFT p90 (ms)");
+    assert!(svg.contains("TTFT p90 (ms) (log scale)"), "{svg}");
+    // Decade ticks from 10 to 100,000 (20,000 rounds up to the next decade).
+    for tick in [">10<", ">100<", ">1000<", ">10000<", ">100000<"] {
+        assert!(svg.contains(tick), "missing tick {tick}");
+    }
+    // The small values are not squashed onto the axis: 15 ms and 30 ms sit apart.
+    let ys: Vec<f64> = svg
+        .lines()
+        .filter(|l| l.starts_with("<circle"))
+        .filter_map(|l| l.split("cy=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect();
+    assert_eq!(ys.len(), 4);
+    assert!((ys[2] - ys[3]).abs() > 20.0, "{ys:?}");
+    // A narrow range keeps the linear axis.
+    let lin = svg_chart(&runs[2..], "t", |s| s.ttft_p90 * 1e3, "TTFT p90 (ms)");
+    assert!(!lin.contains("log scale"));
+}

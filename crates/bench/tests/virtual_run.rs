@@ -1,7 +1,7 @@
 //! The virtual-clock runner: every request accounted for, and the Director's shedding and
 //! routing visible in the outcomes.
 
-use infergate_bench::stats::by_priority;
+use infergate_bench::stats::{by_priority, summarize};
 use infergate_bench::virtual_run::{run, Router, VirtualPool};
 use infergate_bench::workload::{Arrivals, PriorityMix, Shape, Stage, Workload};
 use infergate_sim::{profile, EngineConfig};
@@ -15,6 +15,7 @@ fn pool(replicas: usize) -> VirtualPool {
         scrape_interval: 0.05,
         objectives: vec![("interactive".into(), 10), ("batch".into(), -1)],
         seed: 3,
+        slowdown: Vec::new(),
     }
 }
 
@@ -69,4 +70,30 @@ fn under_overload_the_director_sheds_batch_work_and_keeps_interactive() {
     // Round robin has no notion of priority: nothing is shed, everything queues.
     let rr = run(&pool(2), &Router::RoundRobin, &specs);
     assert!(rr.iter().all(|o| !o.shed));
+}
+
+#[test]
+fn on_a_mixed_pool_infergate_learns_the_slow_replica_and_round_robin_does_not() {
+    // Two replicas, the second three times slower, at a load the fast one could mostly
+    // carry but half of which swamps the slow one.
+    let mut p = pool(2);
+    p.slowdown = vec![1.0, 3.0];
+    let specs = chat(40.0, 20.0, None).generate();
+    let summary = |router: &Router| {
+        let out = run(&p, router, &specs);
+        assert!(out.iter().all(|o| o.ok()));
+        summarize(&out, 20.0)
+    };
+    let rr = summary(&Router::RoundRobin);
+    let ig = summary(&Router::infergate().unwrap());
+    let random = summary(&Router::Random);
+    eprintln!(
+        "mixed pool, TTFT p90 / TPOT p90 / e2e p90 (s): round robin {:.3} / {:.4} / {:.2}, random {:.3} / {:.4} / {:.2}, infergate {:.3} / {:.4} / {:.2}",
+        rr.ttft_p90, rr.tpot_p90, rr.e2e_p90, random.ttft_p90, random.tpot_p90, random.e2e_p90,
+        ig.ttft_p90, ig.tpot_p90, ig.e2e_p90
+    );
+    for base in [&rr, &random] {
+        assert!(ig.ttft_p90 < base.ttft_p90, "{ig:?} vs {base:?}");
+        assert!(ig.e2e_p90 * 1.5 < base.e2e_p90, "{ig:?} vs {base:?}");
+    }
 }
