@@ -627,3 +627,43 @@ async fn a_whole_json_answer_is_counted_as_complete_with_its_usage() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_first_tokens_teach_the_picker_each_endpoints_speed() {
+    let sim = mk_sim(1.0, Faults::default()).await;
+    let gw = mk_gateway(&[sim.local_addr()], cfg()).await;
+    let endpoint = gw.datastore.snapshot().endpoints[0].clone();
+    let later = Duration::from_secs(1_000_000);
+    // Unstreamed answers arrive whole, long after their first token: no sample.
+    for i in 0..3 {
+        let (status, _, _) = post_json(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[],
+            chat(&format!("u{i}"), 5, false),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(endpoint.latency().view(later).line, None);
+    // Each stream's first bytes release its queued prefill and add one sample.
+    for i in 0..4 {
+        let (status, _, body) = post_json_stream(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[],
+            chat(&format!("s{i}"), 5, true),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        body.concat().await.unwrap();
+    }
+    let v = endpoint.latency().view(later);
+    let (line, weight, _) = v.line.expect("a fitted line after four streams");
+    assert!(weight > 3.5 && weight <= 4.0, "{weight}");
+    // A simulated H100 answers a short prompt in milliseconds, not seconds.
+    assert!(line.at(50.0) > 0.0 && line.at(50.0) < 0.5, "{line:?}");
+    assert_eq!((v.prefill_requests, v.prefill_tokens), (0, 0));
+}
