@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use infergate_bench::http::{self, HttpConfig, Mode, Progress};
 use infergate_bench::report::{self, RunReport};
 use infergate_bench::stats::{by_priority, summarize, Outcome};
 use infergate_bench::workload::{Arrivals, LoraMix, PriorityMix, Shape, Stage, Workload};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     /// ShareGPT-like chat: log-normal lengths, means 230 prompt / 203 output tokens.
     Chat,
@@ -27,7 +28,8 @@ pub enum WorkloadKind {
     Priority,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ArrivalKind {
     /// Exponential gaps between requests (mean 1/QPS).
     Poisson,
@@ -35,26 +37,15 @@ pub enum ArrivalKind {
     Constant,
 }
 
-/// Flags of `infergate bench`.
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// Base URL of a server (http://HOST:PORT). Repeat it to spread requests round robin
-    /// over several servers (client-side load balancing, like a Kubernetes Service).
-    #[arg(long = "url", value_name = "URL", required = true)]
-    pub urls: Vec<String>,
-    /// Model to request (default: the first id of GET {url}/v1/models).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// API key, sent as "Authorization: Bearer KEY".
-    #[arg(long, env = "INFERGATE_BENCH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Name of this setup in the report's "router" column (default: the URL, or
-    /// "round-robin xN" for several).
-    #[arg(long)]
-    pub label: Option<String>,
-
+/// What the requests look like: `--workload` and its knobs. Scenario files take the same
+/// knobs under `workload:` (with `kind` for `--workload`), hence the serde derive; the
+/// defaults of both must agree (see [`Default`] below).
+#[derive(Args, Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadArgs {
     /// What the requests look like.
     #[arg(long, value_enum, default_value = "chat")]
+    #[serde(rename = "kind")]
     pub workload: WorkloadKind,
     /// prefix: number of groups sharing a system prompt (inference-perf num_groups).
     #[arg(long, default_value_t = 150)]
@@ -85,6 +76,61 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.3)]
     pub batch_share: f64,
 
+    /// Open loop: arrival process.
+    #[arg(long, value_enum, default_value = "poisson")]
+    pub arrivals: ArrivalKind,
+}
+
+impl Default for WorkloadArgs {
+    fn default() -> Self {
+        WorkloadArgs {
+            workload: WorkloadKind::Chat,
+            groups: 150,
+            prompts_per_group: 5,
+            system_len: 6000,
+            question_len: 1200,
+            output_len: None,
+            long_min_len: 8000,
+            long_max_len: 32000,
+            adapters: 8,
+            batch_share: 0.3,
+            arrivals: ArrivalKind::Poisson,
+        }
+    }
+}
+
+/// `infergate bench` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Run a scenario file: a simulated pool, a workload and a QPS sweep, through each of
+    /// several routers in turn, into one report.
+    Scenario(crate::scenario::ScenarioArgs),
+}
+
+/// Flags of `infergate bench`.
+#[derive(Args, Debug)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    /// Base URL of a server (http://HOST:PORT). Repeat it to spread requests round robin
+    /// over several servers (client-side load balancing, like a Kubernetes Service).
+    #[arg(long = "url", value_name = "URL", required = true)]
+    pub urls: Vec<String>,
+    /// Model to request (default: the first id of GET {url}/v1/models).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// API key, sent as "Authorization: Bearer KEY".
+    #[arg(long, env = "INFERGATE_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Name of this setup in the report's "router" column (default: the URL, or
+    /// "round-robin xN" for several).
+    #[arg(long)]
+    pub label: Option<String>,
+
+    #[command(flatten)]
+    pub w: WorkloadArgs,
+
     /// Open loop: request rates to run, comma separated (each a stage of --stage-seconds,
     /// reported as its own row). Default 5 unless --concurrency is given.
     #[arg(long, value_delimiter = ',', conflicts_with = "concurrency")]
@@ -92,9 +138,6 @@ pub struct BenchArgs {
     /// Open loop: seconds of arrivals per QPS stage.
     #[arg(long, default_value_t = 30.0)]
     pub stage_seconds: f64,
-    /// Open loop: arrival process.
-    #[arg(long, value_enum, default_value = "poisson")]
-    pub arrivals: ArrivalKind,
     /// Closed loop: keep this many requests outstanding (instead of --qps).
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -131,7 +174,12 @@ fn positive_secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
     }
 }
 
-impl BenchArgs {
+impl WorkloadArgs {
+    /// The workload's name in reports ("chat", "prefix", ...).
+    pub fn name(&self) -> String {
+        format!("{:?}", self.workload).to_lowercase()
+    }
+
     fn shape(&self) -> Shape {
         match self.workload {
             WorkloadKind::Chat | WorkloadKind::Lora | WorkloadKind::Priority => Shape::sharegpt(),
@@ -150,7 +198,8 @@ impl BenchArgs {
         }
     }
 
-    fn workload(&self, stages: Vec<Stage>) -> Workload {
+    /// The workload with these knobs, `stages` and `seed`.
+    pub fn build(&self, stages: Vec<Stage>, seed: u64) -> Workload {
         Workload {
             shape: self.shape(),
             arrivals: match self.arrivals {
@@ -166,8 +215,33 @@ impl BenchArgs {
             priorities: (self.workload == WorkloadKind::Priority).then_some(PriorityMix {
                 batch_share: self.batch_share,
             }),
-            seed: self.seed,
+            seed,
         }
+    }
+
+    /// Rejects knob values that make no workload (named as the command-line flags).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.batch_share) {
+            anyhow::bail!("--batch-share must be in 0..=1, not {}", self.batch_share);
+        }
+        if self.workload == WorkloadKind::Lora && self.adapters == 0 {
+            anyhow::bail!("--adapters must be at least 1");
+        }
+        if self.workload == WorkloadKind::Long && self.long_min_len > self.long_max_len {
+            anyhow::bail!("--long-min-len must not exceed --long-max-len");
+        }
+        if self.workload == WorkloadKind::Prefix
+            && (self.groups == 0 || self.prompts_per_group == 0)
+        {
+            anyhow::bail!("--groups and --prompts-per-group must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl BenchArgs {
+    fn workload(&self, stages: Vec<Stage>) -> Workload {
+        self.w.build(stages, self.seed)
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -184,16 +258,7 @@ impl BenchArgs {
         if self.concurrency == Some(0) {
             anyhow::bail!("--concurrency must be at least 1");
         }
-        if !(0.0..=1.0).contains(&self.batch_share) {
-            anyhow::bail!("--batch-share must be in 0..=1, not {}", self.batch_share);
-        }
-        if self.workload == WorkloadKind::Lora && self.adapters == 0 {
-            anyhow::bail!("--adapters must be at least 1");
-        }
-        if self.workload == WorkloadKind::Long && self.long_min_len > self.long_max_len {
-            anyhow::bail!("--long-min-len must not exceed --long-max-len");
-        }
-        Ok(())
+        self.w.check()
     }
 
     fn label(&self) -> String {
@@ -205,7 +270,10 @@ impl BenchArgs {
     }
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Scenario(s)) = args.command.take() {
+        return crate::scenario::run(s);
+    }
     args.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -248,7 +316,7 @@ async fn probe(args: &BenchArgs) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("{}/v1/models lists no model; pass --model", args.urls[0]))
 }
 
-fn progress_bar(total: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -267,7 +335,7 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let model = probe(&args).await?;
     let label = args.label();
-    let workload_name = format!("{:?}", args.workload).to_lowercase();
+    let workload_name = args.w.name();
     let started = Instant::now();
     let bound = args.max_seconds.map(Duration::from_secs_f64);
     let mut cfg = HttpConfig::new(args.urls.clone(), model.clone());
@@ -378,7 +446,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// One report row; a closed-loop run's "QPS" is the request rate it achieved.
-fn report_row(label: &str, workload: &str, qps: Option<f64>, out: &[Outcome]) -> RunReport {
+pub(crate) fn report_row(
+    label: &str,
+    workload: &str,
+    qps: Option<f64>,
+    out: &[Outcome],
+) -> RunReport {
     let duration = out.iter().map(|o| o.done).fold(0.0, f64::max);
     let summary = summarize(out, duration);
     RunReport {

@@ -2,8 +2,10 @@
 
 mod bench;
 mod brain;
+mod demo;
 mod epp;
 mod pool_source;
+mod scenario;
 mod serve;
 mod sim;
 
@@ -30,6 +32,9 @@ enum Command {
     Sim(Box<sim::SimArgs>),
     /// Load-test OpenAI-compatible servers with a bench-lab workload and write a report.
     Bench(Box<bench::BenchArgs>),
+    /// See the gateway at work: a simulated pool under a shared-prefix chat sweep, through
+    /// round robin and through `infergate serve`, compared in a table and a chart.
+    Demo(demo::DemoArgs),
     /// Check configuration files and print what they mean, without serving.
     Config {
         #[command(subcommand)]
@@ -62,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(*args),
+        Command::Demo(args) => demo::run(args),
         Command::Config {
             command:
                 ConfigCommand::Check {
