@@ -1172,3 +1172,42 @@ async fn buffered_partial_body_cut_by_the_gateway_gets_413_saying_why() {
     assert_refused(&r, 413, "BUFFERED_PARTIAL");
     assert_eq!(h.total_inflight(), 0);
 }
+
+#[tokio::test]
+async fn a_streams_first_bytes_release_its_queued_prefill_and_teach_the_speed_model() {
+    let h = mk_harness().await;
+    let mut s = h.open().await;
+    let (dest, _, _) = route(&mut s, "/v1/completions", &mk_completion("m", 400)).await;
+    let ep = h.ds.snapshot().endpoint(dest).expect("endpoint").clone();
+    let v = ep.latency().view(NOW);
+    assert_eq!(v.prefill_requests, 1);
+    assert!(v.prefill_tokens > 0);
+    assert_eq!(v.line, None);
+    s.send(mk_response_headers("text/event-stream")).await;
+    s.recv().await;
+    // Headers alone say nothing about the first token (vLLM sends them at once).
+    assert_eq!(ep.latency().view(NOW).prefill_requests, 1);
+    s.send(mk_response_body(b"data: {\"choices\":[]}\n\n", false))
+        .await;
+    s.recv().await;
+    let v = ep.latency().view(NOW);
+    assert_eq!((v.prefill_requests, v.prefill_tokens), (0, 0));
+    assert!(v.line.is_some(), "the first token is a speed sample");
+    assert_eq!(h.inflight(dest), 1, "still decoding");
+
+    // An unstreamed answer keeps its prefill queued until it ends, and teaches nothing.
+    let h = mk_harness().await;
+    let mut s = h.open().await;
+    let (dest, _, _) = route(&mut s, "/v1/completions", &mk_completion("m", 400)).await;
+    let ep = h.ds.snapshot().endpoint(dest).expect("endpoint").clone();
+    s.send(mk_response_headers("application/json")).await;
+    s.recv().await;
+    s.send(mk_response_body(b"{\"choices\":", false)).await;
+    s.recv().await;
+    assert_eq!(ep.latency().view(NOW).prefill_requests, 1);
+    s.send(mk_response_body(b"[]}", true)).await;
+    s.recv_until_body_eos().await;
+    wait_for_inflight(&h, dest, 0).await;
+    let v = ep.latency().view(NOW);
+    assert_eq!((v.prefill_requests, v.line), (0, None));
+}
