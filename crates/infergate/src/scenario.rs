@@ -1,0 +1,1077 @@
+//! `infergate bench scenario FILE`: one YAML file names a simulated pool, a workload, a QPS
+//! sweep and the routers to compare; each router gets a fresh pool in turn, the same
+//! requests (same seed), and a row per QPS stage in one combined report.
+//!
+//! In real time every piece is a process of its own on 127.0.0.1 (the replicas are one
+//! `infergate sim` child, the router another, Envoy a third), started for that router only
+//! and killed by PID before the next router starts. With `--virtual` the same scenario
+//! runs on the simulator's virtual clock instead (no sockets), for the routers that exist
+//! there.
+//!
+//! ```yaml
+//! name: chat sweep            # optional, shown in the report title
+//! replicas: 10
+//! profile: llama3-8b-h100     # `infergate sim` profile (default llama3-8b-h100)
+//! engine:                     # optional engine knobs, as `infergate sim` flags
+//!   max_loras: 4
+//! workload:                   # `infergate bench --workload` and its knobs
+//!   kind: prefix              # chat | prefix | lora | long | priority
+//!   system_len: 2000
+//! qps: [2, 4, 8]
+//! stage_seconds: 20
+//! seed: 1                     # default 1
+//! stream: true                # default true
+//! timeout: 120                # seconds per request (default 300)
+//! max_seconds: 300            # optional bound on each router's stages
+//! routers: [round-robin, infergate-reference, infergate]
+//! ```
+
+use std::io::{BufRead as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use infergate_bench::http::{self, HttpConfig, Progress};
+use infergate_bench::report::{self, RunReport};
+use infergate_bench::virtual_run::{self, VirtualPool};
+use infergate_bench::workload::{RequestSpec, Stage};
+use serde::Deserialize;
+
+use crate::bench::{progress_bar, report_row, WorkloadArgs, WorkloadKind};
+
+/// The routers a scenario can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterKind {
+    /// Client-side round robin over the replicas (the Kubernetes Service baseline).
+    RoundRobin,
+    /// `infergate serve --profile reference`.
+    InfergateReference,
+    /// `infergate serve --profile infergate`.
+    Infergate,
+    /// `infergate epp` behind a real Envoy (full-duplex streamed bodies).
+    InfergateEppEnvoy,
+    /// sglang-router with `--policy cache_aware`.
+    SglangCacheAware,
+    /// vllm-router with `--policy cache_aware`.
+    VllmCacheAware,
+    /// vllm-router with `--policy power_of_two`.
+    VllmPowerOfTwo,
+}
+
+pub const ROUTER_NAMES: [&str; 7] = [
+    "round-robin",
+    "infergate-reference",
+    "infergate",
+    "infergate-epp-envoy",
+    "sglang-cache-aware",
+    "vllm-cache-aware",
+    "vllm-power-of-two",
+];
+
+impl RouterKind {
+    pub fn name(self) -> &'static str {
+        ROUTER_NAMES[self as usize]
+    }
+
+    fn parse(s: &str) -> anyhow::Result<RouterKind> {
+        serde_yaml_ng::from_str::<RouterKind>(s.trim()).map_err(|_| {
+            anyhow::anyhow!("unknown router {s:?}; known: {}", ROUTER_NAMES.join(", "))
+        })
+    }
+
+    fn is_peer(self) -> bool {
+        matches!(
+            self,
+            RouterKind::SglangCacheAware | RouterKind::VllmCacheAware | RouterKind::VllmPowerOfTwo
+        )
+    }
+}
+
+/// Engine knobs of the simulated replicas, named as `infergate sim`'s flags.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineKnobs {
+    pub max_loras: Option<u32>,
+    pub max_cpu_loras: Option<u32>,
+    pub max_num_seqs: Option<u32>,
+    pub max_num_batched_tokens: Option<u32>,
+    pub num_gpu_blocks: Option<u32>,
+    pub block_size: Option<u32>,
+    pub jitter: Option<f64>,
+    pub lora_load_ms: Option<f64>,
+    /// Simulated seconds per real second (real-time runs only).
+    pub time_scale: Option<f64>,
+}
+
+fn default_profile() -> String {
+    "llama3-8b-h100".into()
+}
+fn default_seed() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// A scenario file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub replicas: u16,
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    #[serde(default)]
+    pub engine: EngineKnobs,
+    #[serde(default)]
+    pub workload: WorkloadArgs,
+    pub qps: Vec<f64>,
+    pub stage_seconds: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "yes")]
+    pub stream: bool,
+    /// Seconds one request may take before it counts as an error (default 300).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// Bound on each router's stages in seconds: requests still open then are cancelled
+    /// (errors) and later stages skipped.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    pub routers: Vec<RouterKind>,
+}
+
+impl Scenario {
+    pub fn from_yaml(text: &str, origin: &str) -> anyhow::Result<Scenario> {
+        let s: Scenario =
+            serde_yaml_ng::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        s.check().with_context(|| origin.to_owned())?;
+        Ok(s)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read scenario file {}", path.display()))?;
+        Scenario::from_yaml(&text, &path.display().to_string())
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.replicas == 0 {
+            anyhow::bail!("replicas must be at least 1");
+        }
+        if infergate_sim::profile::by_name(&self.profile).is_none() {
+            anyhow::bail!(
+                "profile {:?} is unknown (known: {})",
+                self.profile,
+                infergate_sim::profile::names().join(", ")
+            );
+        }
+        if self.qps.is_empty() {
+            anyhow::bail!("qps must list at least one rate");
+        }
+        if let Some(q) = self.qps.iter().find(|q| !(q.is_finite() && **q > 0.0)) {
+            anyhow::bail!("qps values must be positive numbers, not {q}");
+        }
+        for (v, what) in [
+            (Some(self.stage_seconds), "stage_seconds"),
+            (self.timeout, "timeout"),
+            (self.max_seconds, "max_seconds"),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    anyhow::bail!("{what} must be a positive number of seconds, not {v}");
+                }
+            }
+        }
+        if self.routers.is_empty() {
+            anyhow::bail!(
+                "routers must name at least one of: {}",
+                ROUTER_NAMES.join(", ")
+            );
+        }
+        self.workload.check()
+    }
+
+    fn title(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("{} workload", self.workload.name()),
+        }
+    }
+
+    /// The requests of one QPS stage (the same for every router).
+    fn stage_specs(&self, qps: f64) -> Vec<RequestSpec> {
+        self.workload
+            .build(
+                vec![Stage {
+                    qps,
+                    seconds: self.stage_seconds,
+                }],
+                self.seed,
+            )
+            .generate()
+    }
+
+    fn model(&self) -> String {
+        infergate_sim::profile::by_name(&self.profile)
+            .map(|p| p.model.to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Flags of `infergate bench scenario`.
+#[derive(Args, Debug)]
+pub struct ScenarioArgs {
+    /// The scenario file (YAML; see docs/scenarios/).
+    pub file: PathBuf,
+    /// Run on the simulator's virtual clock (round-robin, infergate-reference and
+    /// infergate only; others are skipped with a note).
+    #[arg(long = "virtual")]
+    pub virtual_clock: bool,
+    /// Routers to run instead of the file's list, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub routers: Vec<String>,
+    /// Directory for report.json, report.md, ttft-p90.svg and run.json (created if missing).
+    #[arg(long, default_value = "scenario-out")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
+    let mut scn = Scenario::load(&args.file)?;
+    if !args.routers.is_empty() {
+        scn.routers = args
+            .routers
+            .iter()
+            .map(|r| RouterKind::parse(r))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    run_scenario(&scn, args.virtual_clock, &args.out).map(|_| ())
+}
+
+/// What happened to one router.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RouterRun {
+    pub router: String,
+    /// "ran" or "skipped".
+    pub status: String,
+    pub reason: Option<String>,
+    pub wall_seconds: f64,
+    /// Addresses this router's processes listened on (replicas, router, Envoy).
+    pub addresses: Vec<String>,
+}
+
+/// The outcome of a scenario: the report rows and what happened to each router.
+pub struct Outcome {
+    pub rows: Vec<RunReport>,
+    pub routers: Vec<RouterRun>,
+    pub wall_seconds: f64,
+}
+
+/// Runs `scn` and writes the report to `out`; prints the table to stdout.
+pub fn run_scenario(scn: &Scenario, virtual_clock: bool, out: &Path) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let started = Instant::now();
+    let mode = if virtual_clock {
+        "virtual clock"
+    } else {
+        "real time"
+    };
+    eprintln!(
+        "infergate scenario: {}: {} x {} replicas, {} workload, QPS {:?} x {} s, routers {} ({mode})",
+        scn.title(),
+        scn.replicas,
+        scn.profile,
+        scn.workload.name(),
+        scn.qps,
+        scn.stage_seconds,
+        scn.routers.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
+    );
+    let mut rows = Vec::new();
+    let mut routers = Vec::new();
+    if virtual_clock {
+        for &r in &scn.routers {
+            let t = Instant::now();
+            match run_virtual(scn, r)? {
+                Some(mut rs) => {
+                    rows.append(&mut rs);
+                    let secs = t.elapsed().as_secs_f64();
+                    eprintln!(
+                        "infergate scenario: {}: done in {secs:.1} s of wall time",
+                        r.name()
+                    );
+                    routers.push(RouterRun {
+                        router: r.name().into(),
+                        status: "ran".into(),
+                        reason: None,
+                        wall_seconds: secs,
+                        addresses: vec![],
+                    });
+                }
+                None => {
+                    let why = "not available on the virtual clock (only round-robin, infergate-reference and infergate are)";
+                    eprintln!("infergate scenario: {}: skipped: {why}", r.name());
+                    routers.push(skipped(r, why.into()));
+                }
+            }
+        }
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let log_dir = out.join("logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let mut peers: Option<Result<PathBuf, String>> = None;
+        for &r in &scn.routers {
+            let t = Instant::now();
+            if r.is_peer() {
+                let python = peers.get_or_insert_with(routers_python);
+                if let Err(why) = python {
+                    eprintln!("infergate scenario: {}: skipped: {why}", r.name());
+                    routers.push(skipped(r, why.clone()));
+                    continue;
+                }
+            }
+            let python = peers.as_ref().and_then(|p| p.as_ref().ok()).cloned();
+            match rt.block_on(run_real(scn, r, python.as_deref(), &log_dir)) {
+                Ok((mut rs, addresses)) => {
+                    rows.append(&mut rs);
+                    routers.push(RouterRun {
+                        router: r.name().into(),
+                        status: "ran".into(),
+                        reason: None,
+                        wall_seconds: t.elapsed().as_secs_f64(),
+                        addresses,
+                    });
+                }
+                Err(Skip(why)) => {
+                    eprintln!("infergate scenario: {}: skipped: {why}", r.name());
+                    routers.push(skipped(r, why));
+                }
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    write_report(scn, out, &rows, &routers, virtual_clock, wall)?;
+    Ok(Outcome {
+        rows,
+        routers,
+        wall_seconds: wall,
+    })
+}
+
+fn skipped(r: RouterKind, why: String) -> RouterRun {
+    RouterRun {
+        router: r.name().into(),
+        status: "skipped".into(),
+        reason: Some(why),
+        wall_seconds: 0.0,
+        addresses: vec![],
+    }
+}
+
+/// For each stage after the first router's, the p90 TTFT of every other router against the
+/// first one's (the baseline), in words.
+pub fn verdicts(rows: &[RunReport]) -> Vec<String> {
+    let Some(base) = rows.first().map(|r| r.router.clone()) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for b in rows.iter().filter(|r| r.router == base) {
+        for o in rows
+            .iter()
+            .filter(|r| r.router != base && r.stage_qps == b.stage_qps)
+        {
+            let (bt, ot) = (b.summary.ttft_p90, o.summary.ttft_p90);
+            let line = if !(bt > 0.0 && ot > 0.0) {
+                format!(
+                    "QPS {}: {} vs {}: no TTFT to compare",
+                    b.stage_qps, o.router, base
+                )
+            } else if ot <= bt {
+                format!(
+                    "QPS {}: {} p90 TTFT {:.0} ms vs {} {:.0} ms: {:.2}x faster",
+                    b.stage_qps,
+                    o.router,
+                    ot * 1e3,
+                    base,
+                    bt * 1e3,
+                    bt / ot
+                )
+            } else {
+                format!(
+                    "QPS {}: {} p90 TTFT {:.0} ms vs {} {:.0} ms: {:.2}x slower",
+                    b.stage_qps,
+                    o.router,
+                    ot * 1e3,
+                    base,
+                    bt * 1e3,
+                    ot / bt
+                )
+            };
+            out.push(line);
+        }
+    }
+    out
+}
+
+fn write_report(
+    scn: &Scenario,
+    out: &Path,
+    rows: &[RunReport],
+    routers: &[RouterRun],
+    virtual_clock: bool,
+    wall: f64,
+) -> anyhow::Result<()> {
+    let write = |name: &str, text: &str| {
+        let p = out.join(name);
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+    };
+    let mut md = report::to_markdown(rows);
+    let notes: Vec<String> = routers
+        .iter()
+        .filter_map(|r| {
+            r.reason
+                .as_ref()
+                .map(|why| format!("- {} skipped: {why}", r.router))
+        })
+        .collect();
+    if !notes.is_empty() {
+        md.push('\n');
+        md.push_str(&notes.join("\n"));
+        md.push('\n');
+    }
+    write("report.json", &report::to_json(rows))?;
+    write("report.md", &md)?;
+    let clock = if virtual_clock { ", virtual clock" } else { "" };
+    write(
+        "ttft-p90.svg",
+        &report::svg_chart(
+            rows,
+            &format!(
+                "TTFT p90, {} ({} replicas{clock})",
+                scn.title(),
+                scn.replicas
+            ),
+            |s| s.ttft_p90 * 1e3,
+            "TTFT p90 (ms)",
+        ),
+    )?;
+    let run = serde_json::json!({
+        "name": scn.title(),
+        "mode": if virtual_clock { "virtual" } else { "real-time" },
+        "replicas": scn.replicas,
+        "profile": scn.profile,
+        "workload": scn.workload.name(),
+        "qps": scn.qps,
+        "stage_seconds": scn.stage_seconds,
+        "seed": scn.seed,
+        "wall_seconds": wall,
+        "routers": routers,
+    });
+    write(
+        "run.json",
+        &serde_json::to_string_pretty(&run).expect("serialisable"),
+    )?;
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{md}")?;
+    stdout.flush()?;
+    eprintln!(
+        "infergate scenario: {:.1} s of wall time; report in {} (report.json, report.md, ttft-p90.svg, run.json)",
+        wall,
+        out.display()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Virtual clock
+
+fn run_virtual(scn: &Scenario, r: RouterKind) -> anyhow::Result<Option<Vec<RunReport>>> {
+    let router = match r {
+        RouterKind::RoundRobin => virtual_run::Router::RoundRobin,
+        RouterKind::InfergateReference => virtual_run::Router::reference_default()?,
+        RouterKind::Infergate => virtual_run::Router::infergate()?,
+        _ => return Ok(None),
+    };
+    let mut pool = VirtualPool::of_profile(&scn.profile, usize::from(scn.replicas))?;
+    pool.seed = scn.seed;
+    let k = &scn.engine;
+    let e = &mut pool.engine;
+    if let Some(v) = k.block_size {
+        e.block_size = v;
+    }
+    if let Some(v) = k.num_gpu_blocks {
+        e.num_gpu_blocks = v;
+    }
+    if k.block_size.is_some() || k.num_gpu_blocks.is_some() {
+        let p = infergate_sim::profile::by_name(&scn.profile).expect("checked");
+        e.max_model_len = p
+            .max_model_len
+            .min(e.num_gpu_blocks.saturating_mul(e.block_size));
+    }
+    if let Some(v) = k.max_num_seqs {
+        e.max_num_seqs = v;
+    }
+    if let Some(v) = k.max_num_batched_tokens {
+        e.max_num_batched_tokens = v;
+    }
+    if let Some(v) = k.max_loras {
+        e.max_loras = v;
+    }
+    e.max_cpu_loras = k.max_cpu_loras.unwrap_or(e.max_cpu_loras.max(e.max_loras));
+    if let Some(v) = k.jitter {
+        e.jitter = v;
+    }
+    if let Some(ms) = k.lora_load_ms {
+        e.lora_load_time = ms / 1e3;
+    }
+    if let Some(why) = pool.engine.validate() {
+        anyhow::bail!("invalid engine settings: {why}");
+    }
+    let mut rows = Vec::new();
+    for &q in &scn.qps {
+        let specs = scn.stage_specs(q);
+        let t = Instant::now();
+        let row =
+            virtual_run::run_report(&pool, &router, r.name(), &scn.workload.name(), q, &specs);
+        let s = &row.summary;
+        eprintln!(
+            "infergate scenario: {} QPS {q}: {} ok, {} errors, {} shed of {} ({:.1} s wall)",
+            r.name(),
+            s.ok,
+            s.errors,
+            s.shed,
+            s.requests,
+            t.elapsed().as_secs_f64()
+        );
+        rows.push(row);
+    }
+    Ok(Some(rows))
+}
+
+// ---------------------------------------------------------------------------------------
+// Real time: processes
+
+/// Why a router could not run (recorded as skipped; the scenario goes on).
+struct Skip(String);
+
+impl<E: std::fmt::Display> From<E> for Skip {
+    fn from(e: E) -> Skip {
+        Skip(e.to_string())
+    }
+}
+
+/// A child process we started; killed by its PID and waited for when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr (and stdout unless `pipe_stdout`) to `<log_dir>/<name>.log`.
+    fn spawn(
+        name: &str,
+        cmd: &mut Command,
+        log_dir: &Path,
+        pipe_stdout: bool,
+    ) -> anyhow::Result<Proc> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let stdout = if pipe_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::from(file.try_clone()?)
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Lines of the child's piped stdout, read on a thread of their own until EOF.
+    fn stdout_lines(&mut self) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel();
+        if let Some(out) = self.child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        // Nobody listens any more; keep draining so the child never blocks.
+                        continue;
+                    }
+                }
+            });
+        }
+        rx
+    }
+
+    fn failure(&mut self, what: &str) -> String {
+        let status = self
+            .exited()
+            .map(|s| format!(" (exited: {s})"))
+            .unwrap_or_default();
+        format!(
+            "{}: {what}{status}; log {}:\n{}",
+            self.name,
+            self.log.display(),
+            self.log_tail(15)
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "infergate scenario: {} (pid {}) did not exit within 5 s of SIGKILL",
+            self.name,
+            self.child.id()
+        );
+    }
+}
+
+/// Waits for lines of `rx` until `want` of them match `parse`, or `timeout`.
+fn wait_lines<T>(
+    proc: &mut Proc,
+    rx: &mpsc::Receiver<String>,
+    want: usize,
+    timeout: Duration,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>, Skip> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => got.extend(parse(&line)),
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                if proc.exited().is_some() {
+                    return Err(Skip(proc.failure("exited during start-up")));
+                }
+            }
+            _ => return Err(Skip(proc.failure("did not announce its address"))),
+        }
+    }
+    Ok(got)
+}
+
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the infergate executable")
+}
+
+/// `infergate sim` with the scenario's replicas, each on a port the system picks.
+fn start_sims(scn: &Scenario, log_dir: &Path, tag: &str) -> Result<(Proc, Vec<SocketAddr>), Skip> {
+    let mut cmd = Command::new(exe()?);
+    cmd.arg("sim")
+        .args(["--port", "0", "--host", "127.0.0.1"])
+        .args(["--replicas", &scn.replicas.to_string()])
+        .args(["--profile", &scn.profile])
+        .args(["--seed", &scn.seed.to_string()])
+        .env("INFERGATE_LOG", "warn");
+    let k = &scn.engine;
+    let flags: [(&str, Option<String>); 9] = [
+        ("--max-loras", k.max_loras.map(|v| v.to_string())),
+        ("--max-cpu-loras", k.max_cpu_loras.map(|v| v.to_string())),
+        ("--max-num-seqs", k.max_num_seqs.map(|v| v.to_string())),
+        (
+            "--max-num-batched-tokens",
+            k.max_num_batched_tokens.map(|v| v.to_string()),
+        ),
+        ("--num-gpu-blocks", k.num_gpu_blocks.map(|v| v.to_string())),
+        ("--block-size", k.block_size.map(|v| v.to_string())),
+        ("--jitter", k.jitter.map(|v| v.to_string())),
+        ("--lora-load-ms", k.lora_load_ms.map(|v| v.to_string())),
+        ("--time-scale", k.time_scale.map(|v| v.to_string())),
+    ];
+    for (flag, v) in flags {
+        if let Some(v) = v {
+            cmd.args([flag, &v]);
+        }
+    }
+    if scn.workload.workload == WorkloadKind::Lora {
+        cmd.arg("--lora-modules");
+        for i in 0..scn.workload.adapters {
+            cmd.arg(format!(
+                "{}=/adapters/{i}",
+                infergate_bench::workload::adapter_name(i)
+            ));
+        }
+    }
+    let mut proc = Proc::spawn(&format!("{tag}-sim"), &mut cmd, log_dir, true)?;
+    let rx = proc.stdout_lines();
+    let addrs = wait_lines(
+        &mut proc,
+        &rx,
+        usize::from(scn.replicas),
+        Duration::from_secs(30),
+        |l| addr_after(l, "listening on http://"),
+    )?;
+    Ok((proc, addrs))
+}
+
+/// The processes of one router's turn; dropping it stops them all (router first).
+struct Setup {
+    envoy: Option<infergate_testkit::Envoy>,
+    router: Option<Proc>,
+    _sims: Proc,
+    urls: Vec<String>,
+    addresses: Vec<String>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.envoy.take();
+        self.router.take();
+    }
+}
+
+async fn start_router(
+    scn: &Scenario,
+    r: RouterKind,
+    python: Option<&Path>,
+    log_dir: &Path,
+) -> Result<Setup, Skip> {
+    let (sims, replicas) = start_sims(scn, log_dir, r.name())?;
+    let mut addresses: Vec<String> = replicas.iter().map(|a| a.to_string()).collect();
+    let endpoints = addresses.join(",");
+    let worker_urls: Vec<String> = replicas.iter().map(|a| format!("http://{a}")).collect();
+    let free = infergate_testkit::free_port;
+    let mut setup = Setup {
+        envoy: None,
+        router: None,
+        _sims: sims,
+        urls: vec![],
+        addresses: vec![],
+    };
+    match r {
+        RouterKind::RoundRobin => setup.urls = worker_urls,
+        RouterKind::Infergate | RouterKind::InfergateReference => {
+            let profile = if r == RouterKind::Infergate {
+                "infergate"
+            } else {
+                "reference"
+            };
+            let mut cmd = Command::new(exe()?);
+            cmd.arg("serve")
+                .args(["--listen-address", "127.0.0.1", "--port", "0"])
+                .args(["--endpoints", &endpoints, "--engine", "vllm"])
+                .args(["--profile", profile])
+                .env("INFERGATE_LOG", "warn");
+            let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, true)?;
+            let rx = proc.stdout_lines();
+            let addr = wait_lines(&mut proc, &rx, 1, Duration::from_secs(30), |l| {
+                addr_after(l, "infergate serve: listening on http://")
+            })?[0];
+            addresses.push(addr.to_string());
+            setup.urls = vec![format!("http://{addr}")];
+            setup.router = Some(proc);
+        }
+        RouterKind::InfergateEppEnvoy => {
+            let binary = tokio::task::spawn_blocking(infergate_testkit::envoy_binary)
+                .await
+                .map_err(|e| Skip(e.to_string()))?
+                .map_err(|e| {
+                    Skip(format!(
+                        "no Envoy binary ({e:#}); run scripts/install-envoy.sh"
+                    ))
+                })?;
+            tracing::debug!(envoy = %binary.display(), "using Envoy");
+            let (grpc, health, metrics) = (free(), free(), free());
+            let mut cmd = Command::new(exe()?);
+            cmd.arg("epp")
+                .args(["--listen-address", "127.0.0.1"])
+                .args(["--grpc-port", &grpc.to_string()])
+                .args(["--grpc-health-port", &health.to_string()])
+                .args(["--metrics-port", &metrics.to_string()])
+                .args(["--endpoints", &endpoints, "--engine", "vllm"])
+                .env("INFERGATE_LOG", "warn");
+            let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, false)?;
+            let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));
+            if infergate_testkit::wait_for_port(grpc_addr, Duration::from_secs(20))
+                .await
+                .is_err()
+            {
+                return Err(Skip(proc.failure("ext_proc port never opened")));
+            }
+            setup.router = Some(proc);
+            let envoy = infergate_testkit::Envoy::start(
+                infergate_testkit::EnvoyConfig::new()
+                    .ext_proc(grpc_addr)
+                    .request_body_mode(infergate_testkit::BodyMode::FullDuplexStreamed)
+                    .response_body_mode(infergate_testkit::BodyMode::FullDuplexStreamed)
+                    .route_timeout(Duration::from_secs(600))
+                    .concurrency(1)
+                    .log_level("warn")
+                    .pool(replicas.iter().copied()),
+            )
+            .await
+            .map_err(|e| Skip(format!("Envoy did not start: {e:#}")))?;
+            addresses.push(grpc_addr.to_string());
+            addresses.push(envoy.listener_addr().to_string());
+            setup.urls = vec![envoy.url()];
+            setup.envoy = Some(envoy);
+        }
+        RouterKind::SglangCacheAware | RouterKind::VllmCacheAware | RouterKind::VllmPowerOfTwo => {
+            let python = python.ok_or_else(|| Skip("no python with the peer routers".into()))?;
+            let port = free();
+            let (module, policy) = match r {
+                RouterKind::SglangCacheAware => ("sglang_router.launch_router", "cache_aware"),
+                RouterKind::VllmCacheAware => ("vllm_router.launch_router", "cache_aware"),
+                _ => ("vllm_router.launch_router", "power_of_two"),
+            };
+            let mut cmd = Command::new(python);
+            cmd.args(["-m", module])
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--worker-urls")
+                .args(&worker_urls)
+                .args(["--policy", policy])
+                .args(["--prometheus-host", "127.0.0.1"])
+                .args(["--prometheus-port", &free().to_string()])
+                .args([
+                    "--log-level",
+                    if module.starts_with("sglang") {
+                        "warn"
+                    } else {
+                        "warning"
+                    },
+                ])
+                .env("RUST_LOG", "warn");
+            let proc = Proc::spawn(r.name(), &mut cmd, log_dir, false)?;
+            addresses.push(format!("127.0.0.1:{port}"));
+            setup.urls = vec![format!("http://127.0.0.1:{port}")];
+            setup.router = Some(proc);
+        }
+    }
+    setup.addresses = addresses;
+    Ok(setup)
+}
+
+/// Waits until a one-token completion through every URL succeeds (workers registered,
+/// first scrapes in), 60 s at most.
+async fn wait_ready(scn: &Scenario, setup: &mut Setup) -> Result<(), Skip> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let spec = RequestSpec {
+        index: 0,
+        at: 0.0,
+        prompt: "Hello there".into(),
+        prompt_tokens: 2,
+        output_tokens: 1,
+        lora: None,
+        objective: None,
+        priority: 0,
+        group: None,
+    };
+    for url in setup.urls.clone() {
+        let mut cfg = HttpConfig::new(vec![url.clone()], scn.model());
+        cfg.stream = scn.stream;
+        cfg.timeout = Duration::from_secs(5);
+        let mut last;
+        loop {
+            if let Some(p) = setup.router.as_mut() {
+                if p.exited().is_some() {
+                    return Err(Skip(p.failure("exited during start-up")));
+                }
+            }
+            match http::run(&cfg, std::slice::from_ref(&spec), &|_| {}).await {
+                Ok(o) if o[0].ok() => break,
+                Ok(o) => {
+                    last = o[0]
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| format!("status {}", o[0].status))
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                let tail = setup
+                    .router
+                    .as_mut()
+                    .map(|p| p.failure("not ready"))
+                    .unwrap_or_default();
+                return Err(Skip(format!(
+                    "{url} did not serve a completion within 60 s (last: {last}) {tail}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn run_real(
+    scn: &Scenario,
+    r: RouterKind,
+    python: Option<&Path>,
+    log_dir: &Path,
+) -> Result<(Vec<RunReport>, Vec<String>), Skip> {
+    eprintln!(
+        "infergate scenario: {}: starting {} replicas and the router",
+        r.name(),
+        scn.replicas
+    );
+    let mut setup = start_router(scn, r, python, log_dir).await?;
+    wait_ready(scn, &mut setup).await?;
+    let mut cfg = HttpConfig::new(setup.urls.clone(), scn.model());
+    cfg.stream = scn.stream;
+    cfg.timeout = Duration::from_secs_f64(scn.timeout.unwrap_or(300.0));
+    let started = Instant::now();
+    let bound = scn.max_seconds.map(Duration::from_secs_f64);
+    let mut rows = Vec::new();
+    for &q in &scn.qps {
+        if let Some(b) = bound {
+            let left = b.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                eprintln!(
+                    "infergate scenario: {}: max_seconds reached; skipping the remaining stages",
+                    r.name()
+                );
+                break;
+            }
+            cfg.deadline = Some(left);
+        }
+        let specs = scn.stage_specs(q);
+        let what = format!("{} QPS {q}", r.name());
+        let bar = progress_bar(specs.len() as u64, &what);
+        let on_progress = |p: Progress| {
+            bar.set_position(p.done as u64);
+            if p.errors > 0 {
+                bar.set_message(format!("{} errors", p.errors));
+            }
+        };
+        let out = http::run(&cfg, &specs, &on_progress)
+            .await
+            .map_err(|e| Skip(format!("load generator failed: {e:#}")))?;
+        bar.finish_and_clear();
+        let row = report_row(r.name(), &scn.workload.name(), Some(q), &out);
+        let s = &row.summary;
+        eprintln!(
+            "infergate scenario: {what}: {} ok, {} errors, {} shed of {}; TTFT p90 {:.0} ms",
+            s.ok,
+            s.errors,
+            s.shed,
+            s.requests,
+            s.ttft_p90 * 1e3
+        );
+        if s.errors > 0 {
+            if let Some(e) = out.iter().find_map(|o| o.error.as_deref()) {
+                eprintln!("infergate scenario: first error: {e}");
+            }
+        }
+        rows.push(row);
+    }
+    let addresses = setup.addresses.clone();
+    drop(setup);
+    Ok((rows, addresses))
+}
+
+/// The python that imports both peer routers, installing them with
+/// scripts/install-routers.sh when needed (600 s at most). `Err` says why they cannot run.
+fn routers_python() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("INFERGATE_ROUTERS_PYTHON").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = infergate_testkit::repo_root();
+    let venv_python = infergate_testkit::target_dir().join("venv-routers/bin/python");
+    let importable = |py: &Path| {
+        Command::new(py)
+            .args([
+                "-c",
+                "import sglang_router.launch_router, vllm_router.launch_router",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if venv_python.is_file() && importable(&venv_python) {
+        return Ok(venv_python);
+    }
+    let script = root.join("scripts/install-routers.sh");
+    if !script.is_file() {
+        return Err(format!(
+            "peer routers not installed and {} not found",
+            script.display()
+        ));
+    }
+    eprintln!(
+        "infergate scenario: installing the peer routers with {} (PyPI, into target/venv-routers)",
+        script.display()
+    );
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} took more than 600 s", script.display()));
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("install-routers.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "installing the peer routers failed ({}: {})",
+            script.display(),
+            out.status
+        ));
+    }
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if path.is_empty() {
+        return Err("install-routers.sh printed no python path".into());
+    }
+    Ok(PathBuf::from(path))
+}
