@@ -111,6 +111,9 @@ pub struct EngineKnobs {
 fn default_profile() -> String {
     "llama3-8b-h100".into()
 }
+fn default_slowdown() -> f64 {
+    2.0
+}
 fn default_seed() -> u64 {
     1
 }
@@ -129,6 +132,12 @@ pub struct Scenario {
     pub profile: String,
     #[serde(default)]
     pub engine: EngineKnobs,
+    /// A pool of mixed GPUs: this many of the replicas run `slowdown` times slower than the
+    /// profile (in real time, a second `infergate sim` at `--time-scale 1/slowdown`).
+    #[serde(default)]
+    pub slow_replicas: u16,
+    #[serde(default = "default_slowdown")]
+    pub slowdown: f64,
     #[serde(default)]
     pub workload: WorkloadArgs,
     pub qps: Vec<f64>,
@@ -164,6 +173,19 @@ impl Scenario {
     fn check(&self) -> anyhow::Result<()> {
         if self.replicas == 0 {
             anyhow::bail!("replicas must be at least 1");
+        }
+        if self.slow_replicas > self.replicas {
+            anyhow::bail!(
+                "slow_replicas ({}) cannot exceed replicas ({})",
+                self.slow_replicas,
+                self.replicas
+            );
+        }
+        if !(self.slowdown.is_finite() && self.slowdown >= 1.0) {
+            anyhow::bail!("slowdown must be a number >= 1, not {}", self.slowdown);
+        }
+        if self.slow_replicas > 0 && self.engine.time_scale.is_some() {
+            anyhow::bail!("slow_replicas sets each sim's time scale; drop engine.time_scale");
         }
         if infergate_sim::profile::by_name(&self.profile).is_none() {
             anyhow::bail!(
@@ -534,6 +556,10 @@ fn run_virtual(scn: &Scenario, r: RouterKind) -> anyhow::Result<Option<Vec<RunRe
     if let Some(why) = pool.engine.validate() {
         anyhow::bail!("invalid engine settings: {why}");
     }
+    let fast = usize::from(scn.replicas - scn.slow_replicas);
+    pool.slowdown = (0..usize::from(scn.replicas))
+        .map(|i| if i < fast { 1.0 } else { scn.slowdown })
+        .collect();
     let mut rows = Vec::new();
     for &q in &scn.qps {
         let specs = scn.stage_specs(q);
@@ -695,12 +721,41 @@ fn exe() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("cannot find the infergate executable")
 }
 
-/// `infergate sim` with the scenario's replicas, each on a port the system picks.
-fn start_sims(scn: &Scenario, log_dir: &Path, tag: &str) -> Result<(Proc, Vec<SocketAddr>), Skip> {
+/// `infergate sim` with the scenario's replicas, each on a port the system picks: one
+/// process, or two when some replicas are slow (fast ones first).
+fn start_sims(
+    scn: &Scenario,
+    log_dir: &Path,
+    tag: &str,
+) -> Result<(Vec<Proc>, Vec<SocketAddr>), Skip> {
+    let fast = scn.replicas - scn.slow_replicas;
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for (n, time_scale, suffix) in [
+        (fast, scn.engine.time_scale, "sim"),
+        (scn.slow_replicas, Some(1.0 / scn.slowdown), "sim-slow"),
+    ] {
+        if n == 0 {
+            continue;
+        }
+        let (p, a) = start_sim_process(scn, n, time_scale, log_dir, &format!("{tag}-{suffix}"))?;
+        procs.push(p);
+        addrs.extend(a);
+    }
+    Ok((procs, addrs))
+}
+
+fn start_sim_process(
+    scn: &Scenario,
+    replicas: u16,
+    time_scale: Option<f64>,
+    log_dir: &Path,
+    tag: &str,
+) -> Result<(Proc, Vec<SocketAddr>), Skip> {
     let mut cmd = Command::new(exe()?);
     cmd.arg("sim")
         .args(["--port", "0", "--host", "127.0.0.1"])
-        .args(["--replicas", &scn.replicas.to_string()])
+        .args(["--replicas", &replicas.to_string()])
         .args(["--profile", &scn.profile])
         .args(["--seed", &scn.seed.to_string()])
         .env("INFERGATE_LOG", "warn");
@@ -717,7 +772,7 @@ fn start_sims(scn: &Scenario, log_dir: &Path, tag: &str) -> Result<(Proc, Vec<So
         ("--block-size", k.block_size.map(|v| v.to_string())),
         ("--jitter", k.jitter.map(|v| v.to_string())),
         ("--lora-load-ms", k.lora_load_ms.map(|v| v.to_string())),
-        ("--time-scale", k.time_scale.map(|v| v.to_string())),
+        ("--time-scale", time_scale.map(|v| v.to_string())),
     ];
     for (flag, v) in flags {
         if let Some(v) = v {
@@ -733,12 +788,12 @@ fn start_sims(scn: &Scenario, log_dir: &Path, tag: &str) -> Result<(Proc, Vec<So
             ));
         }
     }
-    let mut proc = Proc::spawn(&format!("{tag}-sim"), &mut cmd, log_dir, true)?;
+    let mut proc = Proc::spawn(tag, &mut cmd, log_dir, true)?;
     let rx = proc.stdout_lines();
     let addrs = wait_lines(
         &mut proc,
         &rx,
-        usize::from(scn.replicas),
+        usize::from(replicas),
         Duration::from_secs(30),
         |l| addr_after(l, "listening on http://"),
     )?;
@@ -749,7 +804,7 @@ fn start_sims(scn: &Scenario, log_dir: &Path, tag: &str) -> Result<(Proc, Vec<So
 struct Setup {
     envoy: Option<infergate_testkit::Envoy>,
     router: Option<Proc>,
-    _sims: Proc,
+    _sims: Vec<Proc>,
     urls: Vec<String>,
     addresses: Vec<String>,
 }
