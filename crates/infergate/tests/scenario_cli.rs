@@ -163,5 +163,43 @@ fn bad_scenarios_are_refused_with_the_reason() {
     assert!(!res.status.success());
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("bogus"), "{stderr}");
+
+    let res = run_scenario(
+        &dir,
+        "replicas: 2\nslow_replicas: 3\nqps: [1]\nstage_seconds: 1\nrouters: [round-robin]\n",
+        &["--virtual"],
+    );
+    assert!(!res.status.success());
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("slow_replicas (3) cannot exceed replicas (2)"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn virtual_mixed_gpu_pool_favours_the_router_that_learns_speeds() {
+    // Half the replicas twice as slow, past the point where round robin's equal shares
+    // swamp the slow half: infergate's p90 TTFT is far below round robin's.
+    let dir = scratch("mixed");
+    let res = run_scenario(
+        &dir,
+        "replicas: 4\nslow_replicas: 2\nslowdown: 2.0\nprofile: llama3-70b-4xh100\n\
+         engine: {max_num_seqs: 32}\nworkload: {kind: chat}\nqps: [20]\nstage_seconds: 20\n\
+         routers: [round-robin, infergate]\n",
+        &["--virtual"],
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "exit {:?}\n{stderr}", res.status);
+    let rows = rows_of(&dir);
+    let p90 = |router: &str| {
+        rows.iter()
+            .find(|r| r["router"] == router)
+            .and_then(|r| r["summary"]["ttft_p90"].as_f64())
+            .expect("row")
+    };
+    let (rr, ig) = (p90("round-robin"), p90("infergate"));
+    assert!(ig * 4.0 < rr, "infergate {ig} s vs round robin {rr} s");
     let _ = std::fs::remove_dir_all(&dir);
 }
