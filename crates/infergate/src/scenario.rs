@@ -816,6 +816,26 @@ impl Drop for Setup {
     }
 }
 
+/// A pool file: the replicas as StaticEndpoints (vLLM), and the objectives `interactive`
+/// (priority 10) and `batch` (-1) that the priority workload sends.
+fn pool_file_text(replicas: &[SocketAddr]) -> String {
+    let eps: String = replicas
+        .iter()
+        .map(|a| format!("  - address: {}\n    port: {}\n", a.ip(), a.port()))
+        .collect();
+    let objective = |name: &str, priority: i32| {
+        format!(
+            "---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+             metadata:\n  name: {name}\nspec:\n  priority: {priority}\n  poolRef:\n    name: infergate\n"
+        )
+    };
+    format!(
+        "apiVersion: infergate.dev/v1alpha1\nkind: StaticEndpoints\nmetadata:\n  name: sims\nspec:\n  endpoints:\n{eps}{}{}",
+        objective("interactive", 10),
+        objective("batch", -1)
+    )
+}
+
 async fn start_router(
     scn: &Scenario,
     r: RouterKind,
@@ -824,7 +844,12 @@ async fn start_router(
 ) -> Result<Setup, Skip> {
     let (sims, replicas) = start_sims(scn, log_dir, r.name())?;
     let mut addresses: Vec<String> = replicas.iter().map(|a| a.to_string()).collect();
-    let endpoints = addresses.join(",");
+    // The replicas and the objectives the workloads name (`interactive` 10, `batch` -1,
+    // as on the virtual clock), for the routers that read a pool file.
+    let pool_file = log_dir.join(format!("{}-pool.yaml", r.name()));
+    std::fs::write(&pool_file, pool_file_text(&replicas))
+        .map_err(|e| Skip(format!("cannot write {}: {e}", pool_file.display())))?;
+    let pool_file = pool_file.display().to_string();
     let worker_urls: Vec<String> = replicas.iter().map(|a| format!("http://{a}")).collect();
     let free = infergate_testkit::free_port;
     let mut setup = Setup {
@@ -845,7 +870,7 @@ async fn start_router(
             let mut cmd = Command::new(exe()?);
             cmd.arg("serve")
                 .args(["--listen-address", "127.0.0.1", "--port", "0"])
-                .args(["--endpoints", &endpoints, "--engine", "vllm"])
+                .args(["--pool-file", &pool_file])
                 .args(["--profile", profile])
                 .env("INFERGATE_LOG", "warn");
             let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, true)?;
@@ -874,7 +899,7 @@ async fn start_router(
                 .args(["--grpc-port", &grpc.to_string()])
                 .args(["--grpc-health-port", &health.to_string()])
                 .args(["--metrics-port", &metrics.to_string()])
-                .args(["--endpoints", &endpoints, "--engine", "vllm"])
+                .args(["--pool-file", &pool_file])
                 .env("INFERGATE_LOG", "warn");
             let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, false)?;
             let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));

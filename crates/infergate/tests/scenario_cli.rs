@@ -51,8 +51,10 @@ fn real_time_scenario_compares_two_routers_and_cleans_up() {
     let dir = scratch("real");
     let res = run_scenario(
         &dir,
+        // Priority traffic: requests carry the `interactive` and `batch` objectives, which
+        // the router must know (it gets them in its pool file), or it would refuse them.
         "replicas: 2\n\
-         workload:\n  kind: chat\n\
+         workload:\n  kind: priority\n\
          qps: [3]\n\
          stage_seconds: 3\n\
          max_seconds: 30\n\
