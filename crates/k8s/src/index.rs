@@ -177,6 +177,24 @@ impl Index {
         self.models.remove(&key(namespace, name));
     }
 
+    /// Forgets every Pod (before a full relist re-applies the current ones).
+    pub fn clear_pods(&mut self) {
+        self.pods.clear();
+    }
+
+    /// Forgets every objective, rewrite or legacy model (before a full relist).
+    pub fn clear_objectives(&mut self) {
+        self.objectives.clear();
+    }
+
+    pub fn clear_rewrites(&mut self) {
+        self.rewrites.clear();
+    }
+
+    pub fn clear_models(&mut self) {
+        self.models.clear();
+    }
+
     /// Ready, selected Pods with an IP, by name.
     fn members(&self) -> impl Iterator<Item = (&String, &PodState, IpAddr)> {
         let selector = self.pool.as_ref().map(|p| &p.spec.selector.match_labels);

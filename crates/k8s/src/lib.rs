@@ -2,9 +2,10 @@
 //! InferenceObjectives and InferenceModelRewrites that name it, as a source for the
 //! picker's datastore.
 //!
-//! [`index`] is the pure part (objects in, endpoint specs and policy out); the watches
-//! that feed it come next.
+//! [`index`] is the pure part (objects in, endpoint specs and policy out); [`watch`] runs
+//! the kube-rs watchers that feed it and pushes the result into the datastore.
 
 pub mod index;
+pub mod watch;
 
 pub use index::Index;

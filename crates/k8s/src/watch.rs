@@ -1,0 +1,292 @@
+//! The watches that keep an [`Index`] current and push it into the datastore.
+//!
+//! Five kube-rs watchers, all in the pool's namespace: InferencePools, Pods,
+//! InferenceObjectives, InferenceModelRewrites and legacy InferenceModels. kube's watcher
+//! lists, then watches from the list's resource version, relists after a `410 Gone`, and
+//! re-watches after a dropped connection; `default_backoff` spaces out retries while the
+//! API server is away. Meanwhile the datastore keeps the last state it was given, so the
+//! picker goes on serving.
+//!
+//! A relist arrives as `Init`, `InitApply`..., `InitDone`; objects are buffered and
+//! replace that kind's state at `InitDone`, so objects deleted while the watch was down
+//! disappear. The datastore is marked synced (the picker turns ready) once every kind has
+//! completed its first list. A kind whose CRD is not installed (a 404 on list) counts as
+//! listed and empty, with a warning: a cluster without the legacy InferenceModel CRD is
+//! normal.
+
+use std::pin::Pin;
+
+use futures::stream::{select_all, Stream, StreamExt};
+use infergate_api::resources::{
+    InferenceModel, InferenceModelRewrite, InferenceObjective, InferencePool,
+};
+use infergate_core::Datastore;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use serde::de::DeserializeOwned;
+
+use crate::index::Index;
+
+/// The kinds watched, in the order of [`KINDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Pool,
+    Pod,
+    Objective,
+    Rewrite,
+    Model,
+}
+
+const KINDS: [Kind; 5] = [
+    Kind::Pool,
+    Kind::Pod,
+    Kind::Objective,
+    Kind::Rewrite,
+    Kind::Model,
+];
+
+impl Kind {
+    fn index(self) -> usize {
+        KINDS.iter().position(|k| *k == self).expect("listed")
+    }
+
+    /// Group, version, kind and plural of the custom resources.
+    fn resource(self) -> Option<ApiResource> {
+        let (group, version, kind, plural) = match self {
+            Kind::Pod => return None,
+            Kind::Pool => (
+                "inference.networking.k8s.io",
+                "v1",
+                "InferencePool",
+                "inferencepools",
+            ),
+            Kind::Objective => (
+                "inference.networking.x-k8s.io",
+                "v1alpha2",
+                "InferenceObjective",
+                "inferenceobjectives",
+            ),
+            Kind::Rewrite => (
+                "inference.networking.x-k8s.io",
+                "v1alpha2",
+                "InferenceModelRewrite",
+                "inferencemodelrewrites",
+            ),
+            Kind::Model => (
+                "inference.networking.x-k8s.io",
+                "v1alpha2",
+                "InferenceModel",
+                "inferencemodels",
+            ),
+        };
+        Some(ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            plural,
+        ))
+    }
+}
+
+/// One object of any watched kind.
+enum Object {
+    Pod(Box<Pod>),
+    Dynamic(Box<DynamicObject>),
+}
+
+type Item = (Kind, Result<Event<Object>, watcher::Error>);
+
+fn pods(client: &Client, ns: &str) -> Pin<Box<dyn Stream<Item = Item> + Send>> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(|r| {
+            (
+                Kind::Pod,
+                r.map(|e| map_event(e, |p| Object::Pod(Box::new(p)))),
+            )
+        })
+        .boxed()
+}
+
+fn dynamic(client: &Client, ns: &str, kind: Kind) -> Pin<Box<dyn Stream<Item = Item> + Send>> {
+    let ar = kind.resource().expect("a custom resource");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |r| {
+            (
+                kind,
+                r.map(|e| map_event(e, |o| Object::Dynamic(Box::new(o)))),
+            )
+        })
+        .boxed()
+}
+
+fn map_event<A, B>(e: Event<A>, f: impl Fn(A) -> B) -> Event<B> {
+    match e {
+        Event::Apply(o) => Event::Apply(f(o)),
+        Event::Delete(o) => Event::Delete(f(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(f(o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// A custom resource as our strict type; `None` (with a warning) when it does not fit.
+fn typed<T: DeserializeOwned>(o: &DynamicObject) -> Option<T> {
+    let value = serde_json::to_value(o).ok()?;
+    match serde_json::from_value(value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(
+                name = o.metadata.name.as_deref().unwrap_or(""),
+                "ignoring an object that does not match its schema: {e}"
+            );
+            None
+        }
+    }
+}
+
+fn names(o: &Object) -> (String, String) {
+    let meta = match o {
+        Object::Pod(p) => &p.metadata,
+        Object::Dynamic(d) => &d.metadata,
+    };
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn apply(ix: &mut Index, kind: Kind, o: &Object) {
+    match (kind, o) {
+        (Kind::Pod, Object::Pod(p)) => ix.apply_pod(p),
+        (Kind::Pool, Object::Dynamic(d)) => {
+            if let Some(p) = typed::<InferencePool>(d) {
+                ix.apply_pool(p);
+            }
+        }
+        (Kind::Objective, Object::Dynamic(d)) => {
+            if let Some(x) = typed::<InferenceObjective>(d) {
+                ix.apply_objective(x);
+            }
+        }
+        (Kind::Rewrite, Object::Dynamic(d)) => {
+            if let Some(x) = typed::<InferenceModelRewrite>(d) {
+                ix.apply_rewrite(x);
+            }
+        }
+        (Kind::Model, Object::Dynamic(d)) => {
+            if let Some(x) = typed::<InferenceModel>(d) {
+                ix.apply_model(x);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn delete(ix: &mut Index, kind: Kind, o: &Object) {
+    let (ns, name) = names(o);
+    match kind {
+        Kind::Pool => ix.delete_pool(&ns, &name),
+        Kind::Pod => ix.delete_pod(&ns, &name),
+        Kind::Objective => ix.delete_objective(&ns, &name),
+        Kind::Rewrite => ix.delete_rewrite(&ns, &name),
+        Kind::Model => ix.delete_model(&ns, &name),
+    }
+}
+
+fn clear(ix: &mut Index, kind: Kind, ns: &str, pool: &str) {
+    match kind {
+        Kind::Pool => ix.delete_pool(ns, pool),
+        Kind::Pod => ix.clear_pods(),
+        Kind::Objective => ix.clear_objectives(),
+        Kind::Rewrite => ix.clear_rewrites(),
+        Kind::Model => ix.clear_models(),
+    }
+}
+
+/// Whether a watcher error is "this resource type does not exist here".
+fn not_installed(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// Watches the pool `pool` in `namespace` and keeps `ds` in step until the task is
+/// dropped. Returns only if every watch stream ends (it does not in practice).
+pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
+    let mut streams: Vec<Pin<Box<dyn Stream<Item = Item> + Send>>> = vec![pods(&client, namespace)];
+    for kind in [Kind::Pool, Kind::Objective, Kind::Rewrite, Kind::Model] {
+        streams.push(dynamic(&client, namespace, kind));
+    }
+    let mut events = select_all(streams);
+    let mut ix = Index::new(namespace, pool);
+    let mut listed = [false; KINDS.len()];
+    let mut buffers: [Vec<Object>; KINDS.len()] = Default::default();
+    let mut absent_warned = [false; KINDS.len()];
+    let mut synced = false;
+    let mut last = (Vec::new(), None::<String>);
+    while let Some((kind, item)) = events.next().await {
+        let k = kind.index();
+        match item {
+            Ok(Event::Init) => buffers[k].clear(),
+            Ok(Event::InitApply(o)) => buffers[k].push(o),
+            Ok(Event::InitDone) => {
+                clear(&mut ix, kind, namespace, pool);
+                for o in buffers[k].drain(..) {
+                    apply(&mut ix, kind, &o);
+                }
+                listed[k] = true;
+            }
+            Ok(Event::Apply(o)) => apply(&mut ix, kind, &o),
+            Ok(Event::Delete(o)) => delete(&mut ix, kind, &o),
+            Err(e) if not_installed(&e) => {
+                if !absent_warned[k] {
+                    tracing::warn!(
+                        ?kind,
+                        "the {kind:?} resource is not installed in this cluster; treating it as empty"
+                    );
+                    absent_warned[k] = true;
+                }
+                listed[k] = true;
+            }
+            Err(e) => {
+                tracing::warn!(?kind, "watch error (retrying with backoff): {e}");
+                continue;
+            }
+        }
+        // Push what changed; the datastore keeps serving it if the API server goes away.
+        let endpoints = ix.endpoints();
+        let policy = ix.policy();
+        let policy_text = format!("{policy:?}");
+        if last.0 != endpoints {
+            ds.set_endpoints(endpoints.clone());
+            last.0 = endpoints;
+        }
+        if last.1.as_deref() != Some(policy_text.as_str()) {
+            ds.set_policy(policy);
+            last.1 = Some(policy_text);
+        }
+        if !synced && listed.iter().all(|l| *l) {
+            if !ix.has_pool() {
+                tracing::warn!(
+                    "InferencePool {namespace}/{pool} does not exist (yet); serving no endpoints"
+                );
+            }
+            for p in ix.problems() {
+                tracing::warn!("{p}");
+            }
+            ds.mark_synced();
+            synced = true;
+            tracing::info!(
+                endpoints = last.0.len(),
+                "Kubernetes state synced for InferencePool {namespace}/{pool}"
+            );
+        }
+    }
+}
