@@ -60,9 +60,15 @@ pub struct PoolArgs {
     /// How often the pool file is checked for edits.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub pool_file_poll_interval: Duration,
-    /// Pool name used in metric labels (the InferencePool's name when the pool file has one).
+    /// Pool name used in metric labels (the InferencePool's name when the pool file has one);
+    /// in Kubernetes mode, the InferencePool to serve.
     #[arg(long, default_value = "infergate")]
     pub pool_name: String,
+    /// Kubernetes mode: watch the InferencePool `--pool-name` in this namespace, the Pods
+    /// it selects, and the InferenceObjectives and InferenceModelRewrites that name it.
+    /// Uses the in-cluster service account, or the kubeconfig outside a cluster.
+    #[arg(long, conflicts_with_all = ["endpoints", "pool_file"])]
+    pub pool_namespace: Option<String>,
     /// Refuse (404) requests for models no InferenceModelRewrite or InferenceModel names.
     #[arg(long)]
     pub strict_models: bool,
@@ -113,7 +119,10 @@ pub struct Brain {
 impl Brain {
     /// Builds the brain and spawns its tasks on the current tokio runtime. `fallback`
     /// endpoints serve when the flags name no pool (`serve` passes its simulated replicas).
-    pub fn start(args: &PoolArgs, fallback: Option<Vec<SocketAddr>>) -> anyhow::Result<Brain> {
+    pub async fn start(
+        args: &PoolArgs,
+        fallback: Option<Vec<SocketAddr>>,
+    ) -> anyhow::Result<Brain> {
         let epoch = Instant::now();
         let clock: Clock = Arc::new(move || epoch.elapsed());
 
@@ -144,7 +153,20 @@ impl Brain {
 
         let ds = Datastore::new();
         let mut pool_name = args.pool_name.clone();
+        let mut synced_by_source = false;
         match (&args.pool_file, args.endpoints.is_empty(), fallback) {
+            _ if args.pool_namespace.is_some() => {
+                let ns = args.pool_namespace.clone().unwrap_or_default();
+                let client = kube::Client::try_default().await.context(
+                    "Kubernetes mode (--pool-namespace): no usable kubeconfig or in-cluster \
+                     service account; set KUBECONFIG, or give --endpoints or --pool-file instead",
+                )?;
+                tracing::info!("Kubernetes mode: InferencePool {ns}/{pool_name}");
+                // Ready once every watched kind has been listed (the watch marks it).
+                synced_by_source = true;
+                let (ds, name) = (ds.clone(), pool_name.clone());
+                tokio::spawn(async move { infergate_k8s::watch::run(client, &ns, &name, ds).await });
+            }
             (Some(path), _, _) => {
                 pool_source::apply_file(&ds, path)
                     .with_context(|| "cannot start with this pool file")?;
@@ -175,7 +197,9 @@ impl Brain {
                 "no pool given: pass --endpoints ip:port[,ip:port...] (with --engine) or --pool-file FILE"
             ),
         }
-        ds.mark_synced();
+        if !synced_by_source {
+            ds.mark_synced();
+        }
 
         let metrics = Arc::new(Metrics::new(&pool_name));
         let observer = {

@@ -88,7 +88,7 @@ pub fn run(args: EppArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: EppArgs) -> anyhow::Result<()> {
-    let brain = Brain::start(&args.pool, None)?;
+    let brain = Brain::start(&args.pool, None).await?;
     let ctx = Arc::new(Context::new(
         brain.director.clone(),
         brain.metrics.clone(),

@@ -127,13 +127,16 @@ async fn start_sims(n: u16, profile: &str) -> anyhow::Result<Vec<Server>> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let keys = api_keys(&args)?;
     let auth_on = keys.is_some();
-    let sims = if args.pool.endpoints.is_empty() && args.pool.pool_file.is_none() {
+    let sims = if args.pool.endpoints.is_empty()
+        && args.pool.pool_file.is_none()
+        && args.pool.pool_namespace.is_none()
+    {
         start_sims(args.sim_replicas, &args.sim_profile).await?
     } else {
         Vec::new()
     };
     let fallback = (!sims.is_empty()).then(|| sims.iter().map(|s| s.local_addr()).collect());
-    let brain = Brain::start(&args.pool, fallback)?;
+    let brain = Brain::start(&args.pool, fallback).await?;
 
     let addr = SocketAddr::new(args.listen_address, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
