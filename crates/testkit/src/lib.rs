@@ -5,6 +5,7 @@
 //! - [`model_server`]: a fake vLLM OpenAI server with settable `/metrics` and request recording.
 //! - [`ports`]: free ports and waiting for a port to accept.
 //! - [`http`]: a small keep-alive HTTP client for tests, plain and streaming.
+//! - [`kube_api`]: a scripted Kubernetes API server (list and watch) for Kubernetes mode.
 //!
 //! ```no_run
 //! use infergate_testkit::{post_json, Envoy, EnvoyConfig, FakeModelServer};
@@ -25,6 +26,7 @@
 
 pub mod envoy;
 pub mod http;
+pub mod kube_api;
 pub mod model_server;
 pub mod ports;
 pub mod procstat;
