@@ -130,7 +130,13 @@ pub struct FakeModelServer {
 impl FakeModelServer {
     /// Starts a server named `name` (echoed in `x-served-by`) on a free port.
     pub async fn start(name: &str) -> anyhow::Result<FakeModelServer> {
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::start_on(name, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Starts a server named `name` on `addr` (another loopback address, such as
+    /// 127.0.0.2:8000, lets several servers share a port as Pods of one pool do).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<FakeModelServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),

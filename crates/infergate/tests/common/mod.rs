@@ -24,6 +24,11 @@ pub struct Epp {
 impl Epp {
     /// Start the binary with `args` plus fresh ports on 127.0.0.1; waits until it listens.
     pub async fn start(args: &[String]) -> Epp {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// As [`Epp::start`], with extra environment variables.
+    pub async fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Epp {
         let dir = std::env::temp_dir().join(format!(
             "infergate-e2e-{}-{}",
             std::process::id(),
@@ -39,6 +44,7 @@ impl Epp {
             .args(["--grpc-health-port", &health.to_string()])
             .args(["--metrics-port", &metrics.to_string()])
             .args(args)
+            .envs(env.iter().copied())
             .env("INFERGATE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
