@@ -9,31 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use infergate_testkit::kube_api::{kubeconfig, serve, FakeKubeApi};
+use infergate_testkit::kube_api::{
+    kubeconfig, pod, pool, serve, FakeKubeApi, NS, OBJECTIVES, PODS, POOLS, REWRITES,
+};
 use infergate_testkit::{free_port, post_json, Envoy, EnvoyConfig, FakeModelServer};
-use serde_json::{json, Value};
-
-const NS: &str = "llm";
-const PODS: &str = "/api/v1/namespaces/llm/pods";
-const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools";
-const OBJECTIVES: &str =
-    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferenceobjectives";
-const REWRITES: &str =
-    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferencemodelrewrites";
-
-fn pod(name: &str, ip: &str, ready: bool, rv: u32) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "resourceVersion": rv.to_string(),
-                     "labels": {"app": "vllm", "inference.networking.k8s.io/engine-type": "vllm"}},
-        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}})
-}
-
-fn pool(port: u16) -> Value {
-    json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-        "metadata": {"name": "pool", "namespace": NS, "resourceVersion": "5"},
-        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": port}],
-                 "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}})
-}
 
 async fn served_by(envoy: &Envoy, n: usize) -> BTreeSet<String> {
     let mut who = BTreeSet::new();

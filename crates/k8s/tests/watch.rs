@@ -7,36 +7,10 @@
 use std::time::Duration;
 
 use infergate_core::Datastore;
-use infergate_testkit::kube_api::{serve, FakeKubeApi as FakeApi};
-use serde_json::{json, Value};
-
-const NS: &str = "llm";
-const PODS: &str = "/api/v1/namespaces/llm/pods";
-const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools";
-const OBJECTIVES: &str =
-    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferenceobjectives";
-const REWRITES: &str =
-    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferencemodelrewrites";
-
-fn pod(name: &str, ip: &str, ready: bool, rv: u32) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "resourceVersion": rv.to_string(),
-                     "labels": {"app": "vllm"}},
-        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}})
-}
-
-fn pool() -> Value {
-    json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-        "metadata": {"name": "pool", "namespace": NS, "resourceVersion": "5", "uid": "x"},
-        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}],
-                 "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}})
-}
-
-fn objective(name: &str, priority: i32) -> Value {
-    json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
-        "metadata": {"name": name, "namespace": NS, "resourceVersion": "6"},
-        "spec": {"priority": priority, "poolRef": {"name": "pool"}}})
-}
+use infergate_testkit::kube_api::{
+    objective, pod, pool, serve, FakeKubeApi as FakeApi, NS, OBJECTIVES, PODS, POOLS, REWRITES,
+};
+use serde_json::json;
 
 fn addrs(ds: &Datastore) -> Vec<String> {
     let mut v: Vec<String> = ds
@@ -62,7 +36,7 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_watches_relists_after_410_rewatches_after_a_drop_and_survives_the_api_going_away() {
     let api = FakeApi::default();
-    api.set_list(POOLS, vec![pool()]);
+    api.set_list(POOLS, vec![pool(8000)]);
     api.set_list(PODS, vec![pod("a", "10.0.0.1", true, 10)]);
     api.set_list(OBJECTIVES, vec![objective("batch", -1)]);
     api.set_list(REWRITES, vec![]);
@@ -148,9 +122,9 @@ async fn without_the_pool_object_the_picker_syncs_with_no_endpoints_until_it_app
     eventually("sync", || ds.is_synced()).await;
     assert!(addrs(&ds).is_empty());
     eventually("pool watch open", || api.open_watches(POOLS) > 0).await;
-    api.event(POOLS, "ADDED", pool());
+    api.event(POOLS, "ADDED", pool(8000));
     eventually("pool applied", || addrs(&ds) == ["10.0.0.1:8000"]).await;
-    api.event(POOLS, "DELETED", pool());
+    api.event(POOLS, "DELETED", pool(8000));
     eventually("pool deleted", || addrs(&ds).is_empty()).await;
     task.abort();
     server.abort();

@@ -137,3 +137,37 @@ pub fn kubeconfig(addr: SocketAddr, ns: &str) -> String {
          current-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
     )
 }
+
+/// The namespace the helpers below put objects in.
+pub const NS: &str = "llm";
+/// Collection paths in [`NS`] of the kinds Kubernetes mode watches.
+pub const PODS: &str = "/api/v1/namespaces/llm/pods";
+pub const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools";
+pub const OBJECTIVES: &str =
+    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferenceobjectives";
+pub const REWRITES: &str =
+    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferencemodelrewrites";
+
+/// A Pod in [`NS`] labelled `app: vllm` (with the vLLM engine label), with `ip` and a
+/// `Ready` condition, at resource version `rv`.
+pub fn pod(name: &str, ip: &str, ready: bool, rv: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": rv.to_string(),
+                     "labels": {"app": "vllm", "inference.networking.k8s.io/engine-type": "vllm"}},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}})
+}
+
+/// The InferencePool `pool` in [`NS`], selecting `app: vllm` on target port `port`.
+pub fn pool(port: u16) -> Value {
+    json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": {"name": "pool", "namespace": NS, "resourceVersion": "5", "uid": "x"},
+        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": port}],
+                 "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}})
+}
+
+/// An InferenceObjective for the pool `pool`.
+pub fn objective(name: &str, priority: i32) -> Value {
+    json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "6"},
+        "spec": {"priority": priority, "poolRef": {"name": "pool"}}})
+}
