@@ -87,8 +87,17 @@ async fn pods_turning_ready_unready_and_deleted_steer_traffic_through_envoy() {
 
     // Only the ready Pod serves.
     eventually_served_by(&envoy, &["pod-a"]).await;
-    // b turns ready: both serve.
+    // b turns ready: both serve. Printed: how long from the event to b's first request
+    // (the watch, the datastore, the picker's next decision; a figure for BENCHMARKS).
+    let t0 = std::time::Instant::now();
     api.event(PODS, "MODIFIED", pod("b", "127.0.0.3", true, 11));
+    while b.count() == 0 && t0.elapsed() < Duration::from_secs(10) {
+        served_by(&envoy, 1).await;
+    }
+    eprintln!(
+        "pod ready -> first request: {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     eventually_served_by(&envoy, &["pod-a", "pod-b"]).await;
     // a is deleted: only b.
     api.event(PODS, "DELETED", pod("a", "127.0.0.2", true, 12));
