@@ -492,41 +492,7 @@ fn routers_python() -> Result<PathBuf, String> {
         "peer routers: running {} (installs sglang-router and vllm-router from PyPI into a venv under target/ unless already there)",
         script.display()
     );
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{} took more than 600 s", script.display()));
-            }
-        }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("install-routers.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{} failed ({})", script.display(), out.status));
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    if path.is_empty() {
-        return Err("install-routers.sh printed no python path".into());
-    }
-    Ok(PathBuf::from(path))
+    infergate_testkit::peer_routers::run_install_script(&script)
 }
 
 fn router_versions(python: &Path) -> String {

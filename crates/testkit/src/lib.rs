@@ -28,6 +28,7 @@ pub mod envoy;
 pub mod http;
 pub mod kube_api;
 pub mod model_server;
+pub mod peer_routers;
 pub mod ports;
 pub mod procstat;
 
