@@ -230,7 +230,7 @@ pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
     let mut buffers: [Vec<Object>; KINDS.len()] = Default::default();
     let mut absent_warned = [false; KINDS.len()];
     let mut synced = false;
-    let mut last = (Vec::new(), None::<String>);
+    let mut last = (Vec::new(), None::<infergate_core::Policy>);
     while let Some((kind, item)) = events.next().await {
         let k = kind.index();
         match item {
@@ -262,15 +262,14 @@ pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
         }
         // Push what changed; the datastore keeps serving it if the API server goes away.
         let endpoints = ix.endpoints();
-        let policy = ix.policy();
-        let policy_text = format!("{policy:?}");
         if last.0 != endpoints {
             ds.set_endpoints(endpoints.clone());
             last.0 = endpoints;
         }
-        if last.1.as_deref() != Some(policy_text.as_str()) {
-            ds.set_policy(policy);
-            last.1 = Some(policy_text);
+        let policy = ix.policy();
+        if last.1.as_ref() != Some(&policy) {
+            ds.set_policy(policy.clone());
+            last.1 = Some(policy);
         }
         if !synced && listed.iter().all(|l| *l) {
             if !ix.has_pool() {
