@@ -109,25 +109,19 @@ fn shed_and_errors_counted_and_priorities_split() {
         index: 3,
         priority: -1,
         sent: 1.0,
-        first_token: None,
         done: 1.001,
-        output_tokens: 0,
         status: 429,
         shed: true,
-        error: None,
-        itl: Vec::new(),
+        ..Default::default()
     });
     os.push(Outcome {
         index: 4,
         priority: -1,
         sent: 1.0,
-        first_token: None,
         done: 1.5,
-        output_tokens: 0,
         status: 503,
-        shed: false,
         error: Some("no capacity".into()),
-        itl: Vec::new(),
+        ..Default::default()
     });
     os.push(Outcome {
         index: 5,
@@ -137,9 +131,8 @@ fn shed_and_errors_counted_and_priorities_split() {
         done: 2.0,
         output_tokens: 3,
         status: 0,
-        shed: false,
         error: Some("reset".into()),
-        itl: Vec::new(),
+        ..Default::default()
     });
     let s = summarize(&os, 2.0);
     assert_eq!((s.requests, s.ok, s.errors, s.shed), (6, 3, 2, 1));
@@ -169,49 +162,37 @@ fn run(router: &str, qps: f64, ttft_p90_ms: f64) -> RunReport {
         index: 10,
         priority: 0,
         sent: 0.0,
-        first_token: None,
         done: 0.1,
-        output_tokens: 0,
         status: 429,
         shed: true,
-        error: None,
-        itl: Vec::new(),
+        ..Default::default()
     });
     os.push(Outcome {
         index: 11,
         priority: 0,
         sent: 0.0,
-        first_token: None,
         done: 0.1,
-        output_tokens: 0,
         status: 500,
-        shed: false,
         error: Some("x".into()),
-        itl: Vec::new(),
+        ..Default::default()
     });
     os.push(Outcome {
         index: 12,
         priority: 0,
         sent: 0.0,
-        first_token: None,
         done: 0.1,
-        output_tokens: 0,
         status: 500,
-        shed: false,
         error: Some("x".into()),
-        itl: Vec::new(),
+        ..Default::default()
     });
     os.push(Outcome {
         index: 13,
         priority: 0,
         sent: 0.0,
-        first_token: None,
         done: 0.1,
-        output_tokens: 0,
         status: 500,
-        shed: false,
         error: Some("x".into()),
-        itl: Vec::new(),
+        ..Default::default()
     });
     let summary = summarize(&os, 10.0);
     RunReport {
