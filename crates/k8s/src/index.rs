@@ -15,8 +15,15 @@
 //! - objectives, rewrites and models count when their `poolRef` names this pool (same
 //!   namespace, the default group and kind); others are ignored;
 //! - rewrites take precedence oldest first (by `creationTimestamp`, then namespace/name).
+//!
+//! Cost: a namespace may hold thousands of Pods of other pools. The index keeps each Pod's
+//! endpoints as it applies the Pod, so an event costs O(that Pod's endpoints) plus a
+//! log-time map update, not a pass over the namespace. Only a change of the pool itself
+//! (its selector or ports) re-evaluates every Pod. [`Index::take_changes`] tells the caller
+//! what to push: nothing for a Pod of another pool, endpoints for a member, the policy for
+//! an objective or rewrite of this pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use infergate_api::pool_file::{PoolFile, StaticEndpoint};
@@ -56,18 +63,32 @@ impl PodState {
     }
 }
 
+/// What changed since the last [`Index::take_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Changes {
+    /// The endpoint list differs.
+    pub endpoints: bool,
+    /// The objectives, rewrites or legacy models differ.
+    pub policy: bool,
+}
+
 /// The state of one InferencePool as the picker sees it.
 #[derive(Debug, Clone)]
 pub struct Index {
     namespace: String,
     name: String,
     pool: Option<InferencePool>,
+    /// The pool came from flags (`--endpoint-selector`), not from an InferencePool object.
+    standalone: bool,
     /// Pods of the pool's namespace by name (whether or not they match the selector, so a
     /// label change can move one in or out).
     pods: BTreeMap<String, PodState>,
+    /// The endpoints of each member Pod, kept up to date as Pods are applied.
+    members: BTreeMap<String, Vec<EndpointSpec>>,
     objectives: BTreeMap<(String, String), InferenceObjective>,
     rewrites: BTreeMap<(String, String), InferenceModelRewrite>,
     models: BTreeMap<(String, String), InferenceModel>,
+    changes: Changes,
 }
 
 fn key(namespace: &str, name: &str) -> (String, String) {
@@ -81,11 +102,64 @@ impl Index {
             namespace: namespace.into(),
             name: name.into(),
             pool: None,
+            standalone: false,
             pods: BTreeMap::new(),
+            members: BTreeMap::new(),
             objectives: BTreeMap::new(),
             rewrites: BTreeMap::new(),
             models: BTreeMap::new(),
+            changes: Changes::default(),
         }
+    }
+
+    /// An index whose Pods are chosen by `selector` and `ports` (the reference's
+    /// `--endpoint-selector` and `--endpoint-target-ports`) instead of an InferencePool
+    /// object. Objectives and rewrites whose `poolRef` names `name` still apply.
+    pub fn standalone(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        selector: BTreeMap<String, String>,
+        ports: &[u16],
+    ) -> Index {
+        let mut ix = Index::new(namespace, name);
+        let mut metadata = infergate_api::resources::ObjectMeta::named(ix.name.clone());
+        metadata.namespace = ix.namespace.clone();
+        ix.apply_pool(InferencePool {
+            api_version: infergate_api::resources::POOL_API_VERSION.into(),
+            kind: "InferencePool".into(),
+            metadata,
+            spec: infergate_api::resources::InferencePoolSpec {
+                selector: infergate_api::resources::LabelSelector {
+                    match_labels: selector,
+                },
+                target_ports: ports
+                    .iter()
+                    .map(|p| infergate_api::resources::Port {
+                        number: i32::from(*p),
+                    })
+                    .collect(),
+                app_protocol: Default::default(),
+                endpoint_picker_ref: None,
+            },
+            status: Default::default(),
+        });
+        ix.standalone = true;
+        ix
+    }
+
+    /// The namespace watched.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the pool comes from flags; then no InferencePool object is watched.
+    pub fn is_standalone(&self) -> bool {
+        self.standalone
     }
 
     /// Whether the pool object itself has been seen.
@@ -93,19 +167,35 @@ impl Index {
         self.pool.is_some()
     }
 
+    /// What changed since the last call, and resets it.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
     /// Applies the pool; another pool's object is ignored. Returns whether it was ours.
+    /// A changed selector or port list re-evaluates every Pod of the namespace.
     pub fn apply_pool(&mut self, pool: InferencePool) -> bool {
-        if pool.metadata.namespace != self.namespace || pool.metadata.name != self.name {
+        if self.standalone
+            || pool.metadata.namespace != self.namespace
+            || pool.metadata.name != self.name
+        {
             return false;
         }
-        self.pool = Some(pool);
+        if self.pool.as_ref() != Some(&pool) {
+            self.pool = Some(pool);
+            self.recompute_members();
+            self.changes.policy = true;
+        }
         true
     }
 
     /// The pool was deleted: no endpoints until it comes back.
     pub fn delete_pool(&mut self, namespace: &str, name: &str) {
-        if namespace == self.namespace && name == self.name {
-            self.pool = None;
+        if !self.standalone && namespace == self.namespace && name == self.name {
+            if self.pool.take().is_some() {
+                self.changes.policy = true;
+            }
+            self.recompute_members();
         }
     }
 
@@ -116,7 +206,10 @@ impl Index {
             return;
         };
         if ns == self.namespace {
-            self.pods.insert(name.to_owned(), PodState::of(pod));
+            let state = PodState::of(pod);
+            let eps = self.endpoints_of(name, &state);
+            self.pods.insert(name.to_owned(), state);
+            self.set_member(name, eps);
         }
     }
 
@@ -124,7 +217,70 @@ impl Index {
     pub fn delete_pod(&mut self, namespace: &str, name: &str) {
         if namespace == self.namespace {
             self.pods.remove(name);
+            self.set_member(name, Vec::new());
         }
+    }
+
+    /// Records `eps` as the endpoints of Pod `name` and notes whether that changed.
+    fn set_member(&mut self, name: &str, eps: Vec<EndpointSpec>) {
+        let old = if eps.is_empty() {
+            self.members.remove(name)
+        } else {
+            self.members.insert(name.to_owned(), eps.clone())
+        };
+        if old.unwrap_or_default() != eps {
+            self.changes.endpoints = true;
+        }
+    }
+
+    fn recompute_members(&mut self) {
+        let members: BTreeMap<String, Vec<EndpointSpec>> = self
+            .pods
+            .iter()
+            .map(|(name, p)| (name.clone(), self.endpoints_of(name, p)))
+            .filter(|(_, eps)| !eps.is_empty())
+            .collect();
+        if members != self.members {
+            self.members = members;
+            self.changes.endpoints = true;
+        }
+    }
+
+    /// The endpoints Pod `name` gives: one per target port while it is a member, else none.
+    fn endpoints_of(&self, name: &str, p: &PodState) -> Vec<EndpointSpec> {
+        let Some(pool) = &self.pool else {
+            return Vec::new();
+        };
+        let selected = pool
+            .spec
+            .selector
+            .match_labels
+            .iter()
+            .all(|(k, v)| p.labels.get(k) == Some(v));
+        let ip = match p.ip {
+            Some(ip) if selected && p.ready && !p.terminating => ip,
+            _ => return Vec::new(),
+        };
+        let engine = p
+            .labels
+            .get(ENGINE_LABEL)
+            .and_then(|e| e.parse::<Engine>().ok())
+            .unwrap_or(Engine::Vllm);
+        let ports = &pool.spec.target_ports;
+        ports
+            .iter()
+            .filter_map(|port| u16::try_from(port.number).ok())
+            .map(|port| {
+                let mut spec = EndpointSpec::new(SocketAddr::new(ip, port), engine);
+                spec.name = if ports.len() > 1 {
+                    format!("{}/{name}:{port}", self.namespace)
+                } else {
+                    format!("{}/{name}", self.namespace)
+                };
+                spec.labels = p.labels.clone();
+                spec
+            })
+            .collect()
     }
 
     fn names_us(&self, namespace: &str, pool_ref: &PoolRef) -> bool {
@@ -138,103 +294,82 @@ impl Index {
     /// itself (its `poolRef` may have changed) and is otherwise ignored.
     pub fn apply_objective(&mut self, o: InferenceObjective) {
         let k = key(&o.metadata.namespace, &o.metadata.name);
-        if self.names_us(&o.metadata.namespace, &o.spec.pool_ref) {
-            self.objectives.insert(k, o);
-        } else {
-            self.objectives.remove(&k);
-        }
+        let ours = self.names_us(&o.metadata.namespace, &o.spec.pool_ref);
+        self.changes.policy |= upsert(&mut self.objectives, k, ours.then_some(o));
     }
 
     pub fn delete_objective(&mut self, namespace: &str, name: &str) {
-        self.objectives.remove(&key(namespace, name));
+        self.changes.policy |= upsert(&mut self.objectives, key(namespace, name), None);
     }
 
     /// Applies a rewrite (same rules as [`Index::apply_objective`]).
     pub fn apply_rewrite(&mut self, r: InferenceModelRewrite) {
         let k = key(&r.metadata.namespace, &r.metadata.name);
-        if self.names_us(&r.metadata.namespace, &r.spec.pool_ref) {
-            self.rewrites.insert(k, r);
-        } else {
-            self.rewrites.remove(&k);
-        }
+        let ours = self.names_us(&r.metadata.namespace, &r.spec.pool_ref);
+        self.changes.policy |= upsert(&mut self.rewrites, k, ours.then_some(r));
     }
 
     pub fn delete_rewrite(&mut self, namespace: &str, name: &str) {
-        self.rewrites.remove(&key(namespace, name));
+        self.changes.policy |= upsert(&mut self.rewrites, key(namespace, name), None);
     }
 
     /// Applies a legacy InferenceModel (its `poolRef` names the pool by name only).
     pub fn apply_model(&mut self, m: InferenceModel) {
         let k = key(&m.metadata.namespace, &m.metadata.name);
-        if m.metadata.namespace == self.namespace && m.spec.pool_ref.name == self.name {
-            self.models.insert(k, m);
-        } else {
-            self.models.remove(&k);
-        }
+        let ours = m.metadata.namespace == self.namespace && m.spec.pool_ref.name == self.name;
+        self.changes.policy |= upsert(&mut self.models, k, ours.then_some(m));
     }
 
     pub fn delete_model(&mut self, namespace: &str, name: &str) {
-        self.models.remove(&key(namespace, name));
+        self.changes.policy |= upsert(&mut self.models, key(namespace, name), None);
     }
 
-    /// Forgets every Pod (before a full relist re-applies the current ones).
-    pub fn clear_pods(&mut self) {
-        self.pods.clear();
+    /// Replaces every Pod with `pods` (a full relist): Pods missing from it are gone.
+    pub fn replace_pods<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) {
+        let mut seen = BTreeSet::new();
+        for pod in pods {
+            if let Some(name) = &pod.metadata.name {
+                seen.insert(name.clone());
+            }
+            self.apply_pod(pod);
+        }
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let ns = self.namespace.clone();
+            self.delete_pod(&ns, &name);
+        }
     }
 
     /// Forgets every objective, rewrite or legacy model (before a full relist).
     pub fn clear_objectives(&mut self) {
+        self.changes.policy |= !self.objectives.is_empty();
         self.objectives.clear();
     }
 
     pub fn clear_rewrites(&mut self) {
+        self.changes.policy |= !self.rewrites.is_empty();
         self.rewrites.clear();
     }
 
     pub fn clear_models(&mut self) {
+        self.changes.policy |= !self.models.is_empty();
         self.models.clear();
     }
 
-    /// Ready, selected Pods with an IP, by name.
-    fn members(&self) -> impl Iterator<Item = (&String, &PodState, IpAddr)> {
-        let selector = self.pool.as_ref().map(|p| &p.spec.selector.match_labels);
-        self.pods.iter().filter_map(move |(name, p)| {
-            let sel = selector?;
-            let selected = sel.iter().all(|(k, v)| p.labels.get(k) == Some(v));
-            (selected && p.ready && !p.terminating)
-                .then_some(())
-                .and(p.ip)
-                .map(|ip| (name, p, ip))
-        })
+    /// One endpoint per target port of every member Pod, ordered by Pod name then port.
+    /// Costs O(the pool's endpoints), not O(the namespace's Pods).
+    pub fn endpoints(&self) -> Vec<EndpointSpec> {
+        self.members.values().flatten().cloned().collect()
     }
 
-    /// One endpoint per target port of every member Pod, ordered by Pod name then port.
-    pub fn endpoints(&self) -> Vec<EndpointSpec> {
-        let Some(pool) = &self.pool else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (name, p, ip) in self.members() {
-            let engine = p
-                .labels
-                .get(ENGINE_LABEL)
-                .and_then(|e| e.parse::<Engine>().ok())
-                .unwrap_or(Engine::Vllm);
-            for port in &pool.spec.target_ports {
-                let Ok(port) = u16::try_from(port.number) else {
-                    continue;
-                };
-                let mut spec = EndpointSpec::new(SocketAddr::new(ip, port), engine);
-                spec.name = if pool.spec.target_ports.len() > 1 {
-                    format!("{}/{name}:{port}", self.namespace)
-                } else {
-                    format!("{}/{name}", self.namespace)
-                };
-                spec.labels = p.labels.clone();
-                out.push(spec);
-            }
-        }
-        out
+    /// How many Pods of the namespace the index holds (members or not).
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
     }
 
     /// Objectives, rewrites (oldest first) and models, as the datastore's policy.
@@ -264,9 +399,10 @@ impl Index {
 
     /// Things worth a warning: member Pods with an engine label infergate does not know.
     pub fn problems(&self) -> Vec<String> {
-        self.members()
-            .filter_map(|(name, p, _)| {
-                let e = p.labels.get(ENGINE_LABEL)?;
+        self.members
+            .keys()
+            .filter_map(|name| {
+                let e = self.pods.get(name)?.labels.get(ENGINE_LABEL)?;
                 e.parse::<Engine>().err().map(|err| {
                     format!(
                         "pod {}/{name}: label {ENGINE_LABEL}={e:?}: {err}; read as vllm",
@@ -275,5 +411,21 @@ impl Index {
                 })
             })
             .collect()
+    }
+}
+
+/// Inserts (`Some`) or removes (`None`) `k`; returns whether the map changed.
+fn upsert<V: PartialEq>(
+    map: &mut BTreeMap<(String, String), V>,
+    k: (String, String),
+    v: Option<V>,
+) -> bool {
+    match v {
+        Some(v) if map.get(&k) == Some(&v) => false,
+        Some(v) => {
+            map.insert(k, v);
+            true
+        }
+        None => map.remove(&k).is_some(),
     }
 }

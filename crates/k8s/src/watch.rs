@@ -198,13 +198,32 @@ fn delete(ix: &mut Index, kind: Kind, o: &Object) {
     }
 }
 
-fn clear(ix: &mut Index, kind: Kind, ns: &str, pool: &str) {
+/// A full relist of `kind`: its objects replace what the index held of that kind.
+fn relist(ix: &mut Index, kind: Kind, ns: &str, pool: &str, objects: Vec<Object>) {
     match kind {
-        Kind::Pool => ix.delete_pool(ns, pool),
-        Kind::Pod => ix.clear_pods(),
+        Kind::Pod => {
+            let pods = objects.iter().filter_map(|o| match o {
+                Object::Pod(p) => Some(p.as_ref()),
+                Object::Dynamic(_) => None,
+            });
+            // Pods are merged, not cleared and re-added, so an unchanged Pod costs nothing.
+            ix.replace_pods(pods);
+            return;
+        }
+        Kind::Pool => {
+            let ours = objects
+                .iter()
+                .any(|o| names(o) == (ns.to_owned(), pool.to_owned()));
+            if !ours {
+                ix.delete_pool(ns, pool);
+            }
+        }
         Kind::Objective => ix.clear_objectives(),
         Kind::Rewrite => ix.clear_rewrites(),
         Kind::Model => ix.clear_models(),
+    }
+    for o in &objects {
+        apply(ix, kind, o);
     }
 }
 
@@ -220,27 +239,36 @@ fn not_installed(e: &watcher::Error) -> bool {
 /// Watches the pool `pool` in `namespace` and keeps `ds` in step until the task is
 /// dropped. Returns only if every watch stream ends (it does not in practice).
 pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
+    run_index(client, Index::new(namespace, pool), ds).await
+}
+
+/// Like [`run`], starting from `ix` (for instance [`Index::standalone`], whose pool comes
+/// from flags: then no InferencePool object is watched).
+pub async fn run_index(client: Client, mut ix: Index, ds: Datastore) {
+    let (namespace, pool) = (ix.namespace().to_owned(), ix.name().to_owned());
+    let (namespace, pool) = (namespace.as_str(), pool.as_str());
     let mut streams: Vec<Pin<Box<dyn Stream<Item = Item> + Send>>> = vec![pods(&client, namespace)];
+    let mut listed = [false; KINDS.len()];
     for kind in [Kind::Pool, Kind::Objective, Kind::Rewrite, Kind::Model] {
+        if kind == Kind::Pool && ix.is_standalone() {
+            listed[kind.index()] = true;
+            continue;
+        }
         streams.push(dynamic(&client, namespace, kind));
     }
     let mut events = select_all(streams);
-    let mut ix = Index::new(namespace, pool);
-    let mut listed = [false; KINDS.len()];
     let mut buffers: [Vec<Object>; KINDS.len()] = Default::default();
     let mut absent_warned = [false; KINDS.len()];
     let mut synced = false;
-    let mut last = (Vec::new(), None::<infergate_core::Policy>);
+    let mut last_policy = None::<infergate_core::Policy>;
     while let Some((kind, item)) = events.next().await {
         let k = kind.index();
         match item {
             Ok(Event::Init) => buffers[k].clear(),
             Ok(Event::InitApply(o)) => buffers[k].push(o),
             Ok(Event::InitDone) => {
-                clear(&mut ix, kind, namespace, pool);
-                for o in buffers[k].drain(..) {
-                    apply(&mut ix, kind, &o);
-                }
+                let objects = std::mem::take(&mut buffers[k]);
+                relist(&mut ix, kind, namespace, pool, objects);
                 listed[k] = true;
             }
             Ok(Event::Apply(o)) => apply(&mut ix, kind, &o),
@@ -261,15 +289,17 @@ pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
             }
         }
         // Push what changed; the datastore keeps serving it if the API server goes away.
-        let endpoints = ix.endpoints();
-        if last.0 != endpoints {
-            ds.set_endpoints(endpoints.clone());
-            last.0 = endpoints;
+        // An event about another pool's Pod or objective changes nothing and costs nothing.
+        let changes = ix.take_changes();
+        if changes.endpoints {
+            ds.set_endpoints(ix.endpoints());
         }
-        let policy = ix.policy();
-        if last.1.as_ref() != Some(&policy) {
-            ds.set_policy(policy.clone());
-            last.1 = Some(policy);
+        if changes.policy {
+            let policy = ix.policy();
+            if last_policy.as_ref() != Some(&policy) {
+                ds.set_policy(policy.clone());
+                last_policy = Some(policy);
+            }
         }
         if !synced && listed.iter().all(|l| *l) {
             if !ix.has_pool() {
@@ -283,7 +313,7 @@ pub async fn run(client: Client, namespace: &str, pool: &str, ds: Datastore) {
             ds.mark_synced();
             synced = true;
             tracing::info!(
-                endpoints = last.0.len(),
+                endpoints = ds.snapshot().endpoints.len(),
                 "Kubernetes state synced for InferencePool {namespace}/{pool}"
             );
         }

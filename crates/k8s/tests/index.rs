@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use infergate_api::resources::{InferenceModelRewrite, InferenceObjective, InferencePool};
 use infergate_core::endpoint::Engine;
-use infergate_k8s::index::{Index, ENGINE_LABEL};
+use infergate_k8s::index::{Changes, Index, ENGINE_LABEL};
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
@@ -214,4 +214,94 @@ fn conflicting_rewrites_are_ordered_oldest_first_whatever_the_arrival_order() {
     // The older one goes away: the newer takes over.
     ix.delete_rewrite(NS, "old");
     assert_eq!(order(&ix), ["llm/new"]);
+}
+
+#[test]
+fn only_events_that_change_this_pool_report_a_change() {
+    let mut ix = Index::new(NS, "pool");
+    ix.apply_pool(mk_pool("pool", &[8000]));
+    ix.take_changes();
+
+    // A Pod of another pool (labels do not match), added and made ready: nothing to push.
+    ix.apply_pod(&mk_pod("other", "10.0.9.1", true, &[("app", "sglang")]));
+    assert_eq!(ix.take_changes(), Changes::default());
+    // A member turning ready: the endpoints changed, the policy did not.
+    ix.apply_pod(&mk_pod("a", "10.0.0.1", true, &[("app", "vllm")]));
+    assert_eq!(
+        ix.take_changes(),
+        Changes {
+            endpoints: true,
+            policy: false
+        }
+    );
+    // The same Pod again (a resync, or a status change that does not matter): nothing.
+    ix.apply_pod(&mk_pod("a", "10.0.0.1", true, &[("app", "vllm")]));
+    assert_eq!(ix.take_changes(), Changes::default());
+    // An objective of another pool: nothing. Of this pool: the policy.
+    ix.apply_objective(mk_objective("x", "other-pool", 5));
+    assert_eq!(ix.take_changes(), Changes::default());
+    ix.apply_objective(mk_objective("y", "pool", 5));
+    assert!(ix.take_changes().policy);
+    ix.apply_objective(mk_objective("y", "pool", 5));
+    assert!(!ix.take_changes().policy, "unchanged objective");
+    // Deleting a Pod that was never a member: nothing; deleting a member: endpoints.
+    ix.delete_pod(NS, "other");
+    assert_eq!(ix.take_changes(), Changes::default());
+    ix.delete_pod(NS, "a");
+    assert!(ix.take_changes().endpoints);
+    assert!(addrs(&ix).is_empty());
+}
+
+#[test]
+fn a_pool_change_re_evaluates_every_pod_and_a_relist_drops_pods_that_vanished() {
+    let mut ix = Index::new(NS, "pool");
+    ix.apply_pod(&mk_pod("a", "10.0.0.1", true, &[("app", "vllm")]));
+    ix.apply_pod(&mk_pod("b", "10.0.0.2", true, &[("app", "vllm")]));
+    assert!(addrs(&ix).is_empty(), "no pool yet");
+    ix.apply_pool(mk_pool("pool", &[8000]));
+    assert!(ix.take_changes().endpoints);
+    assert_eq!(addrs(&ix), ["10.0.0.1:8000", "10.0.0.2:8000"]);
+    // The pool gains a port: every member gets a second endpoint.
+    ix.apply_pool(mk_pool("pool", &[8000, 8001]));
+    assert_eq!(
+        addrs(&ix),
+        [
+            "10.0.0.1:8000",
+            "10.0.0.1:8001",
+            "10.0.0.2:8000",
+            "10.0.0.2:8001"
+        ]
+    );
+    // A relist that has only b: a is gone, b stays.
+    let b = mk_pod("b", "10.0.0.2", true, &[("app", "vllm")]);
+    ix.take_changes();
+    ix.replace_pods([&b]);
+    assert!(ix.take_changes().endpoints);
+    assert_eq!(addrs(&ix), ["10.0.0.2:8000", "10.0.0.2:8001"]);
+    assert_eq!(ix.pod_count(), 1);
+    // The same relist again changes nothing.
+    ix.replace_pods([&b]);
+    assert_eq!(ix.take_changes(), Changes::default());
+    // Deleting the pool empties it; the Pods are kept for when it comes back.
+    ix.delete_pool(NS, "pool");
+    assert!(addrs(&ix).is_empty());
+    ix.apply_pool(mk_pool("pool", &[8000]));
+    assert_eq!(addrs(&ix), ["10.0.0.2:8000"]);
+}
+
+#[test]
+fn a_standalone_index_selects_by_flags_and_ignores_pool_objects() {
+    let selector = BTreeMap::from([("app".to_string(), "vllm".to_string())]);
+    let mut ix = Index::standalone(NS, "pool", selector, &[8000, 8002]);
+    assert!(ix.is_standalone());
+    ix.apply_pod(&mk_pod("a", "10.0.0.1", true, &[("app", "vllm")]));
+    ix.apply_pod(&mk_pod("z", "10.0.0.9", true, &[("app", "other")]));
+    assert_eq!(addrs(&ix), ["10.0.0.1:8000", "10.0.0.1:8002"]);
+    // An InferencePool object of the same name does not override the flags.
+    assert!(!ix.apply_pool(mk_pool("pool", &[9999])));
+    ix.delete_pool(NS, "pool");
+    assert_eq!(addrs(&ix), ["10.0.0.1:8000", "10.0.0.1:8002"]);
+    // Objectives naming the pool still apply.
+    ix.apply_objective(mk_objective("chat", "pool", 7));
+    assert_eq!(ix.policy().objectives.len(), 1);
 }
