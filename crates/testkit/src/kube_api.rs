@@ -2,6 +2,12 @@
 //! API server can run here, so this answers the list and watch requests kube-rs's watcher
 //! makes from collections the test sets, streams the watch events the test sends, and can
 //! drop watch connections. Paths not set answer 404 (a CRD that is not installed).
+//!
+//! It also stores `coordination.k8s.io/v1` Leases the way an API server does, for leader
+//! election: get (404 when absent), create (409 `AlreadyExists` when present) and replace
+//! (409 `Conflict` unless the body carries the stored `resourceVersion`), each write giving
+//! the object a new `resourceVersion`. [`FakeKubeApi::set_unavailable`] makes every request
+//! answer 503, as an API server that is down behind a load balancer does.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -25,6 +31,12 @@ pub struct Script {
     watches: HashMap<String, Vec<mpsc::UnboundedSender<Bytes>>>,
     /// How many watch requests each path has had.
     watch_count: HashMap<String, usize>,
+    /// Leases by (namespace, name).
+    leases: HashMap<(String, String), Value>,
+    /// The last resourceVersion given to a stored Lease (one counter, as etcd's revision).
+    revision: u64,
+    /// Every request answers 503 while set.
+    unavailable: bool,
 }
 
 /// The fake API server's script; clone it to drive the server from a test.
@@ -66,21 +78,64 @@ impl FakeKubeApi {
             .map_or(0, |v| v.iter().filter(|t| !t.is_closed()).count())
     }
 
-    fn respond(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("");
+    /// The stored Lease `ns`/`name`, as a get would return it.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .leases
+            .get(&(ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Stores `lease` as `ns`/`name` unconditionally (another client's write), with a new
+    /// resourceVersion.
+    pub fn put_lease(&self, ns: &str, name: &str, lease: Value) {
+        self.0.lock().unwrap().store_lease(ns, name, lease);
+    }
+
+    /// While `down`, every new request answers `503 Service Unavailable` (watches already
+    /// open stay open; [`Self::drop_watches`] closes them).
+    pub fn set_unavailable(&self, down: bool) {
+        self.0.lock().unwrap().unavailable = down;
+    }
+
+    async fn respond(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        if self.0.lock().unwrap().unavailable {
+            return status(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            );
+        }
+        if let Some((ns, name)) = lease_path(&path) {
+            // A list or watch of Leases is answered from `set_list`, as for any collection.
+            if !name.is_empty() || parts.method == Method::POST {
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .lease_request(&parts.method, ns, name, &body);
+            }
+        }
+        let query = parts.uri.query().unwrap_or("");
         let watch = query
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1");
         let mut s = self.0.lock().unwrap();
         let Some(items) = s.lists.get(&path).cloned() else {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
-            return Response::builder()
-                .status(404)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(status.to_string())).boxed())
-                .unwrap();
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
         };
         if watch {
             *s.watch_count.entry(path.clone()).or_default() += 1;
@@ -105,6 +160,120 @@ impl FakeKubeApi {
     }
 }
 
+impl Script {
+    /// A get, create or replace of a Lease; `name` is empty for the collection.
+    fn lease_request(
+        &mut self,
+        method: &Method,
+        ns: &str,
+        name: &str,
+        body: &[u8],
+    ) -> Response<Body> {
+        let key = (ns.to_owned(), name.to_owned());
+        let what = format!("leases.coordination.k8s.io \"{name}\"");
+        let parse = || {
+            serde_json::from_slice::<Value>(body)
+                .ok()
+                .filter(Value::is_object)
+        };
+        match (method, name.is_empty()) {
+            (&Method::GET, false) => match self.leases.get(&key) {
+                Some(lease) => ok(200, lease),
+                None => status(404, "NotFound", &format!("{what} not found")),
+            },
+            (&Method::POST, true) => {
+                let Some(lease) = parse() else {
+                    return status(400, "BadRequest", "the request body is not a JSON object");
+                };
+                let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return status(
+                        422,
+                        "Invalid",
+                        "Lease.coordination.k8s.io is invalid: metadata.name: Required value",
+                    );
+                };
+                if self.leases.contains_key(&(ns.to_owned(), name.clone())) {
+                    let what = format!("leases.coordination.k8s.io \"{name}\"");
+                    return status(409, "AlreadyExists", &format!("{what} already exists"));
+                }
+                ok(201, &self.store_lease(ns, &name, lease))
+            }
+            (&Method::PUT, false) => {
+                let Some(lease) = parse() else {
+                    return status(400, "BadRequest", "the request body is not a JSON object");
+                };
+                if lease["metadata"]["name"].as_str() != Some(name) {
+                    return status(
+                        400,
+                        "BadRequest",
+                        "the name of the object does not match the name on the URL",
+                    );
+                }
+                let Some(stored) = self.leases.get(&key) else {
+                    return status(404, "NotFound", &format!("{what} not found"));
+                };
+                // An update without a resourceVersion is unconditional, as for a real Lease.
+                if let Some(rv) = lease["metadata"]["resourceVersion"].as_str() {
+                    if Some(rv) != stored["metadata"]["resourceVersion"].as_str() {
+                        return status(409, "Conflict", &format!(
+                            "Operation cannot be fulfilled on {what}: the object has been modified; \
+                             please apply your changes to the latest version and try again"));
+                    }
+                }
+                ok(200, &self.store_lease(ns, name, lease))
+            }
+            _ => status(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} is not supported on {what}"),
+            ),
+        }
+    }
+
+    /// Stores `lease` with its namespace, name and a new resourceVersion; returns it.
+    fn store_lease(&mut self, ns: &str, name: &str, mut lease: Value) -> Value {
+        self.revision += 1;
+        lease["apiVersion"] = json!("coordination.k8s.io/v1");
+        lease["kind"] = json!("Lease");
+        if !lease["metadata"].is_object() {
+            lease["metadata"] = json!({});
+        }
+        lease["metadata"]["namespace"] = json!(ns);
+        lease["metadata"]["name"] = json!(name);
+        lease["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+        self.leases.insert((ns.into(), name.into()), lease.clone());
+        lease
+    }
+}
+
+/// The namespace and name (empty for the collection) of a Lease path.
+fn lease_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/apis/coordination.k8s.io/v1/namespaces/")?;
+    let (ns, tail) = rest.split_once('/')?;
+    match tail.strip_prefix("leases")? {
+        "" => Some((ns, "")),
+        name => name
+            .strip_prefix('/')
+            .filter(|n| !n.contains('/'))
+            .map(|n| (ns, n)),
+    }
+}
+
+fn ok(code: u16, object: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(object.to_string())).boxed())
+        .unwrap()
+}
+
+/// A `Status` failure, which kube-rs turns into `kube::Error::Api`.
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": reason, "code": code, "message": message});
+    ok(code, &status)
+}
+
 /// Serves `api` on 127.0.0.1; abort the task to take the API server away.
 pub async fn serve(api: FakeKubeApi) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -117,8 +286,8 @@ pub async fn serve(api: FakeKubeApi) -> (SocketAddr, tokio::task::JoinHandle<()>
             let api = api.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let r = api.respond(req);
-                    async move { Ok::<_, Infallible>(r) }
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.respond(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
