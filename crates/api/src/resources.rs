@@ -5,9 +5,16 @@
 //! Unknown keys under `spec` (and at the top level) are errors; unknown `metadata` keys
 //! (uid, resourceVersion, managedFields, ...) and the whole `status` are accepted and ignored.
 //! Rules that serde cannot express (ranges, counts, uniqueness) live in each `validate`.
+//!
+//! The spec types also derive [`JsonSchema`]: `infergate crds` builds the
+//! CustomResourceDefinitions from them, so the schema an API server enforces and the
+//! parser here describe the same fields. The `schemars` attributes carry the same limits
+//! as `validate` (ranges, lengths, and the upstream CEL rules as
+//! `x-kubernetes-validations`); a test checks the two agree on examples.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{FieldError, FieldPath};
@@ -166,12 +173,16 @@ pub struct InferencePool {
 }
 
 /// The desired state of an [`InferencePool`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InferencePoolSpec {
     /// Which pods, in the pool's namespace, belong to the pool.
     pub selector: LabelSelector,
     /// The ports the model servers listen on; each port of each pod is one endpoint.
+    #[schemars(length(min = 1, max = 8), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(p1, self.exists_one(p2, p1.number == p2.number))",
+        "message": "port number must be unique"
+    }]))]
     pub target_ports: Vec<Port>,
     /// How the gateway talks to the model servers.
     #[serde(default)]
@@ -182,24 +193,25 @@ pub struct InferencePoolSpec {
 }
 
 /// Equality-based pod selector (1 to 64 labels).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
-    /// Labels a pod must all carry.
-    #[serde(default)]
+    /// Labels a pod must all carry (required, as upstream).
+    #[schemars(extend("minProperties" = 1, "maxProperties" = 64))]
     pub match_labels: BTreeMap<String, String>,
 }
 
 /// A port number (1 to 65535).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Port {
     /// The number; kept as the API's 32-bit integer so out-of-range values get a clear error.
+    #[schemars(range(min = 1, max = 65535))]
     pub number: i32,
 }
 
 /// Protocol between the gateway and the model servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum AppProtocol {
     /// HTTP/1.1 (the default).
     #[default]
@@ -211,8 +223,12 @@ pub enum AppProtocol {
 }
 
 /// Reference to the endpoint picker's Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.kind != 'Service' || has(self.port)",
+    "message": "port is required when kind is 'Service' or unspecified (defaults to 'Service')"
+}]))]
 pub struct EndpointPickerRef {
     /// API group of the referent; `""` (core) by default.
     #[serde(default)]
@@ -221,6 +237,7 @@ pub struct EndpointPickerRef {
     #[serde(default = "default_picker_kind")]
     pub kind: String,
     /// Name of the referent.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// The Service port; required when `kind` is `Service`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,7 +252,7 @@ fn default_picker_kind() -> String {
 }
 
 /// What a gateway does when the endpoint picker fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum FailureMode {
     /// Send the request to some endpoint anyway.
     FailOpen,
@@ -328,7 +345,7 @@ impl Resource for InferencePool {
 // poolRef
 
 /// Reference from an alpha resource to the InferencePool it applies to (same namespace).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolRef {
     /// API group; `inference.networking.k8s.io` by default.
@@ -338,6 +355,7 @@ pub struct PoolRef {
     #[serde(default = "default_pool_kind")]
     pub kind: String,
     /// The pool's name.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 
@@ -388,7 +406,7 @@ pub struct InferenceObjective {
 }
 
 /// The desired state of an [`InferenceObjective`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InferenceObjectiveSpec {
     /// Higher is more important; negative values are allowed and mark sheddable traffic.
@@ -444,7 +462,7 @@ pub struct InferenceModelRewrite {
 }
 
 /// The desired state of an [`InferenceModelRewrite`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InferenceModelRewriteSpec {
     /// The pool these rules apply to.
@@ -455,18 +473,19 @@ pub struct InferenceModelRewriteSpec {
 }
 
 /// One rewrite rule: if any match holds, rewrite to one of the targets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RewriteRule {
     /// Alternatives (OR); an empty list matches every model.
     #[serde(default)]
     pub matches: Vec<RewriteMatch>,
     /// Weighted targets; at least one.
+    #[schemars(length(min = 1))]
     pub targets: Vec<RewriteTarget>,
 }
 
 /// One alternative of a rule's `matches`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RewriteMatch {
     /// Condition on the requested model name.
@@ -474,18 +493,19 @@ pub struct RewriteMatch {
 }
 
 /// A condition on the requested model name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelMatch {
     /// How `value` is compared; only `Exact` exists.
     #[serde(default, rename = "type")]
     pub match_type: MatchType,
     /// The model name to match (at least 1 character).
+    #[schemars(length(min = 1))]
     pub value: String,
 }
 
 /// How a model name is compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum MatchType {
     /// The whole name, case-sensitive.
     #[default]
@@ -493,13 +513,15 @@ pub enum MatchType {
 }
 
 /// A target of a rewrite.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RewriteTarget {
     /// The model name sent to the model server.
+    #[schemars(length(min = 1))]
     pub model_rewrite: String,
     /// Relative weight, 1 to 1,000,000; unset counts as 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub weight: Option<i32>,
 }
 
@@ -578,16 +600,23 @@ pub struct InferenceModel {
 }
 
 /// The desired state of an [`InferenceModel`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InferenceModelSpec {
     /// The model name clients request (at most 256 characters).
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf", "message": "modelName is immutable"
+    }]))]
     pub model_name: String,
     /// How important the traffic is; unset means Standard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub criticality: Option<Criticality>,
     /// Weighted models to send the traffic to instead (at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(t, has(t.weight)) || self.all(t, !has(t.weight))",
+        "message": "weights should be set for all models, or none of the models"
+    }]))]
     pub target_models: Vec<TargetModel>,
     /// The pool this model is served by. (The legacy CRD defaulted its group to
     /// `inference.networking.x-k8s.io`; only the name is used, so one type serves both.)
@@ -595,7 +624,7 @@ pub struct InferenceModelSpec {
 }
 
 /// Criticality of an [`InferenceModel`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Criticality {
     /// Must not be shed.
     Critical,
@@ -606,13 +635,15 @@ pub enum Criticality {
 }
 
 /// A weighted target of an [`InferenceModel`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetModel {
     /// The model name sent to the model server.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Relative weight, 1 to 1,000,000; set on every target or on none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub weight: Option<i32>,
 }
 

@@ -35,6 +35,9 @@ enum Command {
     /// See the gateway at work: a simulated pool under a shared-prefix chat sweep, through
     /// round robin and through `infergate serve`, compared in a table and a chart.
     Demo(demo::DemoArgs),
+    /// Print the CustomResourceDefinitions of InferencePool, InferenceObjective,
+    /// InferenceModelRewrite and the legacy InferenceModel (`infergate crds | kubectl apply -f -`).
+    Crds,
     /// Check configuration files and print what they mean, without serving.
     Config {
         #[command(subcommand)]
@@ -68,6 +71,10 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Crds => {
+            print!("{}", infergate_k8s::crd::crds_yaml());
+            Ok(())
+        }
         Command::Config {
             command:
                 ConfigCommand::Check {
