@@ -18,7 +18,7 @@ use std::pin::Pin;
 
 use futures::stream::{select_all, Stream, StreamExt};
 use infergate_api::resources::{
-    InferenceModel, InferenceModelRewrite, InferenceObjective, InferencePool,
+    InferenceModel, InferenceModelRewrite, InferenceObjective, InferencePool, Resource,
 };
 use infergate_core::Datastore;
 use k8s_openapi::api::core::v1::Pod;
@@ -134,15 +134,26 @@ fn map_event<A, B>(e: Event<A>, f: impl Fn(A) -> B) -> Event<B> {
     }
 }
 
-/// A custom resource as our strict type; `None` (with a warning) when it does not fit.
-fn typed<T: DeserializeOwned>(o: &DynamicObject) -> Option<T> {
+/// A custom resource as our strict type; `None` (with a warning naming every broken rule)
+/// when it does not parse or breaks a rule the CRD states. An API server with our CRDs (or
+/// upstream's) refuses such objects; an older or hand-edited CRD may not.
+fn typed<T: DeserializeOwned + Resource>(o: &DynamicObject) -> Option<T> {
+    let name = o.metadata.name.as_deref().unwrap_or("");
     let value = serde_json::to_value(o).ok()?;
-    match serde_json::from_value(value) {
-        Ok(t) => Some(t),
+    match serde_json::from_value::<T>(value) {
+        Ok(t) => match t.validate() {
+            Ok(()) => Some(t),
+            Err(errors) => {
+                let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                tracing::warn!(name, "ignoring this {}: {}", T::KIND, errors.join("; "));
+                None
+            }
+        },
         Err(e) => {
             tracing::warn!(
-                name = o.metadata.name.as_deref().unwrap_or(""),
-                "ignoring an object that does not match its schema: {e}"
+                name,
+                "ignoring a {} that does not match its schema: {e}",
+                T::KIND
             );
             None
         }
@@ -227,11 +238,16 @@ fn relist(ix: &mut Index, kind: Kind, ns: &str, pool: &str, objects: Vec<Object>
     }
 }
 
-/// Whether a watcher error is "this resource type does not exist here".
-fn not_installed(e: &watcher::Error) -> bool {
+/// Whether a watcher error is "this resource type does not exist here" (404). For the
+/// legacy InferenceModel, which most clusters no longer have, a 403 counts too: RBAC
+/// written for current releases does not grant it, and that must not keep the picker
+/// unready. Any other kind's 403 is a real misconfiguration and keeps it unready.
+fn not_installed(kind: Kind, e: &watcher::Error) -> bool {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => {
+            s.code == 404 || (kind == Kind::Model && s.code == 403)
+        }
         _ => false,
     }
 }
@@ -261,6 +277,7 @@ pub async fn run_index(client: Client, mut ix: Index, ds: Datastore) {
     let mut absent_warned = [false; KINDS.len()];
     let mut synced = false;
     let mut last_policy = None::<infergate_core::Policy>;
+    let mut warned = std::collections::HashSet::new();
     while let Some((kind, item)) = events.next().await {
         let k = kind.index();
         match item {
@@ -273,11 +290,11 @@ pub async fn run_index(client: Client, mut ix: Index, ds: Datastore) {
             }
             Ok(Event::Apply(o)) => apply(&mut ix, kind, &o),
             Ok(Event::Delete(o)) => delete(&mut ix, kind, &o),
-            Err(e) if not_installed(&e) => {
+            Err(e) if not_installed(kind, &e) => {
                 if !absent_warned[k] {
                     tracing::warn!(
                         ?kind,
-                        "the {kind:?} resource is not installed in this cluster; treating it as empty"
+                        "the {kind:?} resource is not installed in this cluster (or, for the legacy InferenceModel, not granted to this service account): {e}; treating it as empty"
                     );
                     absent_warned[k] = true;
                 }
@@ -293,6 +310,12 @@ pub async fn run_index(client: Client, mut ix: Index, ds: Datastore) {
         let changes = ix.take_changes();
         if changes.endpoints {
             ds.set_endpoints(ix.endpoints());
+            // Each problem once, whenever the Pod that has it joins (O(members)).
+            for p in ix.problems() {
+                if warned.insert(p.clone()) {
+                    tracing::warn!("{p}");
+                }
+            }
         }
         if changes.policy {
             let policy = ix.policy();
@@ -306,9 +329,6 @@ pub async fn run_index(client: Client, mut ix: Index, ds: Datastore) {
                 tracing::warn!(
                     "InferencePool {namespace}/{pool} does not exist (yet); serving no endpoints"
                 );
-            }
-            for p in ix.problems() {
-                tracing::warn!("{p}");
             }
             ds.mark_synced();
             synced = true;

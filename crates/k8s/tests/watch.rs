@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use infergate_core::Datastore;
 use infergate_testkit::kube_api::{
-    objective, pod, pool, serve, FakeKubeApi as FakeApi, NS, OBJECTIVES, PODS, POOLS, REWRITES,
+    objective, pod, pool, serve, FakeKubeApi as FakeApi, MODELS, NS, OBJECTIVES, PODS, POOLS,
+    REWRITES,
 };
 use serde_json::json;
 
@@ -126,6 +127,59 @@ async fn without_the_pool_object_the_picker_syncs_with_no_endpoints_until_it_app
     eventually("pool applied", || addrs(&ds) == ["10.0.0.1:8000"]).await;
     api.event(POOLS, "DELETED", pool(8000));
     eventually("pool deleted", || addrs(&ds).is_empty()).await;
+    task.abort();
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_objects_are_skipped_and_a_forbidden_legacy_kind_does_not_block_sync() {
+    let api = FakeApi::default();
+    api.set_list(POOLS, vec![pool(8000)]);
+    api.set_list(PODS, vec![pod("a", "10.0.0.1", true, 10)]);
+    // One good objective and one whose poolRef name is empty (the CRD forbids it).
+    let mut broken = objective("broken", 3);
+    broken["spec"]["poolRef"]["name"] = "".into();
+    api.set_list(OBJECTIVES, vec![objective("chat", 5), broken]);
+    api.set_list(REWRITES, vec![]);
+    // RBAC for current releases does not grant the legacy InferenceModel.
+    api.forbid(MODELS);
+    let (addr, server) = serve(api.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let ds = Datastore::new();
+    let task = tokio::spawn(infergate_k8s::watch::run(client, NS, "pool", ds.clone()));
+    eventually("sync despite the 403 on InferenceModels", || ds.is_synced()).await;
+    assert_eq!(addrs(&ds), ["10.0.0.1:8000"]);
+    let snap = ds.snapshot();
+    let names: Vec<&String> = snap.objectives.keys().collect();
+    assert_eq!(
+        names,
+        ["chat"],
+        "the broken objective is skipped, the good one kept"
+    );
+    task.abort();
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_pod_list_keeps_the_picker_unready() {
+    let api = FakeApi::default();
+    api.set_list(POOLS, vec![pool(8000)]);
+    api.set_list(OBJECTIVES, vec![]);
+    api.set_list(REWRITES, vec![]);
+    api.forbid(PODS);
+    let (addr, server) = serve(api.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let ds = Datastore::new();
+    let task = tokio::spawn(infergate_k8s::watch::run(client, NS, "pool", ds.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !ds.is_synced(),
+        "without Pods the picker must not claim to be ready"
+    );
     task.abort();
     server.abort();
 }

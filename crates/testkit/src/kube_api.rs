@@ -37,6 +37,8 @@ pub struct Script {
     revision: u64,
     /// Every request answers 503 while set.
     unavailable: bool,
+    /// Collection paths that answer 403 Forbidden (RBAC does not grant them).
+    forbidden: std::collections::HashSet<String>,
 }
 
 /// The fake API server's script; clone it to drive the server from a test.
@@ -100,6 +102,12 @@ impl FakeKubeApi {
         self.0.lock().unwrap().unavailable = down;
     }
 
+    /// Makes list and watch requests on `path` answer 403, as when the service account's
+    /// Role does not grant that resource.
+    pub fn forbid(&self, path: &str) {
+        self.0.lock().unwrap().forbidden.insert(path.into());
+    }
+
     async fn respond(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
@@ -130,6 +138,13 @@ impl FakeKubeApi {
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1");
         let mut s = self.0.lock().unwrap();
+        if s.forbidden.contains(&path) {
+            return status(
+                403,
+                "Forbidden",
+                &format!("{path} is forbidden: the service account may not list or watch it"),
+            );
+        }
         let Some(items) = s.lists.get(&path).cloned() else {
             return status(
                 404,
@@ -316,6 +331,8 @@ pub const OBJECTIVES: &str =
     "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferenceobjectives";
 pub const REWRITES: &str =
     "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferencemodelrewrites";
+pub const MODELS: &str =
+    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferencemodels";
 
 /// A Pod in [`NS`] labelled `app: vllm` (with the vLLM engine label), with `ip` and a
 /// `Ready` condition, at resource version `rv`.
