@@ -1,6 +1,7 @@
 //! What `infergate epp` and `infergate serve` share: the pool and scheduler flags, and the
 //! "brain" they build (datastore and its sources, scrape loop, director, metrics).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,12 +70,66 @@ pub struct PoolArgs {
     /// Uses the in-cluster service account, or the kubeconfig outside a cluster.
     #[arg(long, conflicts_with_all = ["endpoints", "pool_file"])]
     pub pool_namespace: Option<String>,
+    /// Kubernetes mode without an InferencePool object (the reference's standalone form):
+    /// the Pods of --pool-namespace (`default` when not given) that carry all these labels,
+    /// `key=value[,key=value...]`. InferenceObjectives and InferenceModelRewrites whose
+    /// poolRef names --pool-name still apply.
+    #[arg(long, value_parser = parse_selector, conflicts_with_all = ["endpoints", "pool_file"], requires = "endpoint_target_ports")]
+    pub endpoint_selector: Option<BTreeMap<String, String>>,
+    /// With --endpoint-selector: the model servers' ports (1 to 8, comma-separated); each
+    /// port of each Pod is one endpoint.
+    #[arg(long, value_delimiter = ',', requires = "endpoint_selector")]
+    pub endpoint_target_ports: Vec<u16>,
     /// Refuse (404) requests for models no InferenceModelRewrite or InferenceModel names.
     #[arg(long)]
     pub strict_models: bool,
     /// Seed for tie-breaking and weighted choices (reproducible runs).
     #[arg(long, default_value_t = 0x1f_e9a7e)]
     pub seed: u64,
+}
+
+impl PoolArgs {
+    /// Whether the pool comes from the Kubernetes API (`--pool-namespace` or
+    /// `--endpoint-selector`).
+    pub fn kubernetes(&self) -> bool {
+        self.pool_namespace.is_some() || self.endpoint_selector.is_some()
+    }
+
+    /// The namespace watched in Kubernetes mode.
+    pub fn namespace(&self) -> String {
+        self.pool_namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string())
+    }
+}
+
+/// Parses `--endpoint-selector`: equality terms `key=value` (or `key==value`), comma-separated.
+fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if term.contains("!=") || term.contains(" in ") || term.contains(" notin ") {
+            return Err(format!(
+                "{term:?}: only equality terms (key=value) are supported, as in an InferencePool's matchLabels"
+            ));
+        }
+        let (k, v) = term
+            .split_once("==")
+            .or_else(|| term.split_once('='))
+            .ok_or_else(|| format!("{term:?} is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || k.len() > 253 || v.len() > 63 {
+            return Err(format!(
+                "{term:?}: a label key is 1 to 253 characters and a value at most 63"
+            ));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("label {k:?} is given twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("the selector is empty; give at least one key=value".into());
+    }
+    Ok(out)
 }
 
 /// Load and build the scheduler config from `path`, or the built-in profile `builtin`.
@@ -114,6 +169,8 @@ pub struct Brain {
     /// The profile runs `header-based-testing-filter` (the conformance tests' filter).
     pub test_filter: bool,
     pub pool_name: String,
+    /// In Kubernetes mode: the API client and the namespace watched.
+    pub kube: Option<(kube::Client, String)>,
 }
 
 impl Brain {
@@ -154,18 +211,42 @@ impl Brain {
         let ds = Datastore::new();
         let mut pool_name = args.pool_name.clone();
         let mut synced_by_source = false;
+        let mut kube = None;
         match (&args.pool_file, args.endpoints.is_empty(), fallback) {
-            _ if args.pool_namespace.is_some() => {
-                let ns = args.pool_namespace.clone().unwrap_or_default();
+            _ if args.kubernetes() => {
+                let ns = args.namespace();
+                let index = match &args.endpoint_selector {
+                    Some(selector) => {
+                        let ports = &args.endpoint_target_ports;
+                        if !(1..=8).contains(&ports.len()) || ports.contains(&0) {
+                            anyhow::bail!(
+                                "--endpoint-target-ports needs 1 to 8 ports from 1 to 65535, got {ports:?}"
+                            );
+                        }
+                        tracing::info!(
+                            ?selector, ?ports,
+                            "Kubernetes mode (standalone): Pods of namespace {ns} by label, pool name {pool_name}"
+                        );
+                        infergate_k8s::Index::standalone(&ns, &pool_name, selector.clone(), ports)
+                    }
+                    None => {
+                        tracing::info!("Kubernetes mode: InferencePool {ns}/{pool_name}");
+                        infergate_k8s::Index::new(&ns, &pool_name)
+                    }
+                };
                 let client = kube::Client::try_default().await.context(
-                    "Kubernetes mode (--pool-namespace): no usable kubeconfig or in-cluster \
-                     service account; set KUBECONFIG, or give --endpoints or --pool-file instead",
+                    "Kubernetes mode (--pool-namespace / --endpoint-selector): no usable \
+                     kubeconfig or in-cluster service account; set KUBECONFIG, or give \
+                     --endpoints or --pool-file instead",
                 )?;
-                tracing::info!("Kubernetes mode: InferencePool {ns}/{pool_name}");
                 // Ready once every watched kind has been listed (the watch marks it).
                 synced_by_source = true;
-                let (ds, name) = (ds.clone(), pool_name.clone());
-                tokio::spawn(async move { infergate_k8s::watch::run(client, &ns, &name, ds).await });
+                tokio::spawn(infergate_k8s::watch::run_index(
+                    client.clone(),
+                    index,
+                    ds.clone(),
+                ));
+                kube = Some((client, ns));
             }
             (Some(path), _, _) => {
                 pool_source::apply_file(&ds, path)
@@ -242,6 +323,7 @@ impl Brain {
             clock,
             test_filter,
             pool_name,
+            kube,
         })
     }
 }

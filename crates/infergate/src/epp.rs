@@ -36,6 +36,15 @@ pub struct EppArgs {
     /// Drop an ext_proc stream (and its in-flight count) after this long without a message.
     #[arg(long, default_value = "10m", value_parser = duration)]
     pub exchange_idle_timeout: Duration,
+    /// Kubernetes mode: replicas elect one active picker per pool on a coordination.k8s.io
+    /// Lease; the standby keeps its watches warm but reports readiness NOT_SERVING, so the
+    /// gateway sends to the leader only. On by default in Kubernetes mode;
+    /// `--ha-enable-leader-election=false` makes every replica active.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ha_enable_leader_election: Option<bool>,
+    /// The Lease's name (in the watched namespace); `<pool-name>-epp` by default.
+    #[arg(long)]
+    pub ha_lease_name: Option<String>,
     /// Threads serving requests and scrapes; 0 means one per core.
     #[arg(long, env = "INFERGATE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -88,7 +97,56 @@ pub fn run(args: EppArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: EppArgs) -> anyhow::Result<()> {
+    let election = match (args.ha_enable_leader_election, args.pool.kubernetes()) {
+        (Some(true), false) => anyhow::bail!(
+            "--ha-enable-leader-election needs Kubernetes mode (--pool-namespace or \
+             --endpoint-selector): the Lease lives in the API server"
+        ),
+        (on, k8s) => k8s && on.unwrap_or(true),
+    };
     let brain = Brain::start(&args.pool, None).await?;
+
+    // SIGINT/SIGTERM stops the ext_proc server and releases the Lease, both at once.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // Without an election this replica is always the leader.
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(!election);
+    // Without an election the sender stays here, so the readiness loop's receiver stays open.
+    let mut fixed_leader = None;
+    let lease_task = match (&brain.kube, election) {
+        (Some((client, ns)), true) => {
+            let name = args
+                .ha_lease_name
+                .clone()
+                .unwrap_or_else(|| format!("{}-epp", brain.pool_name));
+            let cfg = infergate_k8s::lease::LeaseConfig::new(
+                ns.clone(),
+                name.clone(),
+                infergate_k8s::lease::default_identity(),
+            );
+            tracing::info!(
+                lease = %format!("{ns}/{name}"), identity = %cfg.identity,
+                "leader election on; this replica serves once it holds the Lease"
+            );
+            Some(tokio::spawn(infergate_k8s::lease::run(
+                client.clone(),
+                cfg,
+                leader_tx,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => {
+            fixed_leader = Some(leader_tx);
+            None
+        }
+    };
     let ctx = Arc::new(Context::new(
         brain.director.clone(),
         brain.metrics.clone(),
@@ -108,7 +166,8 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
     tokio::spawn(serve_metrics(metrics_listener, brain.metrics.clone()));
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, brain.datastore.is_synced()).await;
+    set_health(&reporter, false).await;
+    tokio::spawn(readiness(reporter, brain.datastore.clone(), leader_rx));
     let health_addr = SocketAddr::new(args.listen_address, args.grpc_health_port);
     let health_listener = tokio::net::TcpListener::bind(health_addr)
         .await
@@ -134,7 +193,44 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
         endpoints = brain.datastore.snapshot().endpoints.len(), pool = %brain.pool_name,
         "infergate epp ready"
     );
-    serve_extproc(Picker::new(ctx), grpc_addr, shutdown_signal()).await?;
+    serve_extproc(Picker::new(ctx), grpc_addr, stopped(stop_rx)).await?;
+    if let Some(task) = lease_task {
+        // The release is bounded inside the lease loop; this only waits for it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    drop(fixed_leader);
     tracing::info!("infergate epp stopped");
     Ok(())
+}
+
+/// Keeps the gRPC health services in step: `readiness` (and the ext_proc service) serve
+/// while the datastore has synced and this replica leads; `liveness` always does.
+async fn readiness(
+    reporter: tonic_health::server::HealthReporter,
+    ds: infergate_core::Datastore,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        let (synced, leads) = (ds.is_synced(), *leader.borrow_and_update());
+        let serving = synced && leads;
+        if last != Some(serving) {
+            set_health(&reporter, serving).await;
+            if serving {
+                tracing::info!("ready: synced, and the leader (or no election)");
+            } else if last.is_some() || synced {
+                tracing::info!(synced, leader = leads, "not ready");
+            }
+            last = Some(serving);
+        }
+        // The sync flag has no notification; 20 ms of polling costs nothing measurable.
+        tokio::select! {
+            r = leader.changed() => {
+                if r.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
 }

@@ -129,7 +129,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth_on = keys.is_some();
     let sims = if args.pool.endpoints.is_empty()
         && args.pool.pool_file.is_none()
-        && args.pool.pool_namespace.is_none()
+        && !args.pool.kubernetes()
     {
         start_sims(args.sim_replicas, &args.sim_profile).await?
     } else {

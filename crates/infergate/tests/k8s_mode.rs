@@ -40,6 +40,41 @@ async fn eventually_served_by(envoy: &Envoy, want: &[&str]) {
     panic!("requests went to {last:?}, expected {want:?}");
 }
 
+/// Waits (at most 10 s) for the picker's readiness to be SERVING.
+async fn wait_ready(epp: &Epp) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if epp.is_ready().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A scripted API server with `pods` and empty objective and rewrite lists, and a
+/// kubeconfig file for it.
+async fn api_with(
+    pods: Vec<serde_json::Value>,
+    pools: Option<Vec<serde_json::Value>>,
+) -> (FakeKubeApi, tokio::task::JoinHandle<()>, std::path::PathBuf) {
+    let api = FakeKubeApi::default();
+    if let Some(pools) = pools {
+        api.set_list(POOLS, pools);
+    }
+    api.set_list(PODS, pods);
+    api.set_list(OBJECTIVES, vec![]);
+    api.set_list(REWRITES, vec![]);
+    let (addr, server) = serve(api.clone()).await;
+    let cfg = std::env::temp_dir().join(format!(
+        "infergate-kubeconfig-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&cfg, kubeconfig(addr, NS)).unwrap();
+    (api, server, cfg)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_turning_ready_unready_and_deleted_steer_traffic_through_envoy() {
     let port = free_port();
@@ -85,6 +120,16 @@ async fn pods_turning_ready_unready_and_deleted_steer_traffic_through_envoy() {
     .await
     .unwrap();
 
+    // Synced, and the leader of its Lease (election is on by default): ready.
+    assert!(
+        wait_ready(&epp).await,
+        "the picker never turned ready; log:\n{}",
+        epp.log_text()
+    );
+    assert!(
+        api.lease(NS, "pool-epp").is_some(),
+        "the picker took the Lease <pool>-epp"
+    );
     // Only the ready Pod serves.
     eventually_served_by(&envoy, &["pod-a"]).await;
     // b turns ready: both serve. Printed: how long from the event to b's first request
@@ -111,4 +156,113 @@ async fn pods_turning_ready_unready_and_deleted_steer_traffic_through_envoy() {
         BTreeSet::from(["pod-b".to_string()])
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_form_selects_pods_by_label_without_an_inference_pool() {
+    let port = free_port();
+    let a = FakeModelServer::start_on("pod-a", ([127, 0, 0, 2], port).into())
+        .await
+        .unwrap();
+    let c = FakeModelServer::start_on("pod-c", ([127, 0, 0, 4], port).into())
+        .await
+        .unwrap();
+    // c is Ready but carries another app label: not selected.
+    let mut other = pod("c", "127.0.0.4", true, 10);
+    other["metadata"]["labels"]["app"] = "sglang".into();
+    let (_api, _server, cfg) = api_with(vec![pod("a", "127.0.0.2", true, 10), other], None).await;
+    let epp = Epp::start_with_env(
+        &[
+            "--pool-namespace".into(),
+            NS.into(),
+            "--endpoint-selector".into(),
+            "app=vllm".into(),
+            "--endpoint-target-ports".into(),
+            port.to_string(),
+            "--ha-enable-leader-election=false".into(),
+        ],
+        &[("KUBECONFIG", cfg.to_str().unwrap())],
+    )
+    .await;
+    assert!(wait_ready(&epp).await, "log:\n{}", epp.log_text());
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .ext_proc(epp.grpc)
+            .pool([a.addr(), c.addr()]),
+    )
+    .await
+    .unwrap();
+    eventually_served_by(&envoy, &["pod-a"]).await;
+    assert_eq!(c.count(), 0);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+/// Two pickers for one pool, as the Deployment runs them: one leads and is ready, the
+/// other keeps its view in sync but is not ready; when the leader stops, the standby takes
+/// over. Printed: the takeover time after a SIGTERM (the leader releases the Lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pickers_elect_one_ready_leader_and_the_standby_takes_over_on_sigterm() {
+    let port = free_port();
+    let a = FakeModelServer::start_on("pod-a", ([127, 0, 0, 2], port).into())
+        .await
+        .unwrap();
+    let (api, _server, cfg) = api_with(
+        vec![pod("a", "127.0.0.2", true, 10)],
+        Some(vec![pool(port)]),
+    )
+    .await;
+    let start = |id: &'static str| {
+        let cfg = cfg.clone();
+        async move {
+            Epp::start_with_env(
+                &[
+                    "--pool-namespace".into(),
+                    NS.into(),
+                    "--pool-name".into(),
+                    "pool".into(),
+                ],
+                &[("KUBECONFIG", cfg.to_str().unwrap()), ("POD_NAME", id)],
+            )
+            .await
+        }
+    };
+    let mut first = start("epp-1").await;
+    assert!(wait_ready(&first).await, "log:\n{}", first.log_text());
+    let second = start("epp-2").await;
+    // The second has synced (it would be ready but for the Lease) and stays not ready.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(first.is_ready().await);
+    assert!(!second.is_ready().await, "a standby must not be ready");
+    assert_eq!(
+        api.lease(NS, "pool-epp").unwrap()["spec"]["holderIdentity"],
+        "epp-1"
+    );
+    // The standby's view is current: it counts the pool's one endpoint as well.
+    assert!(second
+        .metrics_text()
+        .await
+        .lines()
+        .any(|l| l.starts_with("inference_pool_ready_pods") && l.ends_with(" 1")));
+
+    let t0 = std::time::Instant::now();
+    assert!(first.terminate(), "the leader exits on SIGTERM");
+    assert!(wait_ready(&second).await, "the standby never took over");
+    let took = t0.elapsed();
+    eprintln!(
+        "leader SIGTERM -> standby ready: {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a released Lease is taken at the standby's next retry (2 s), not after the 15 s lease"
+    );
+    assert_eq!(
+        api.lease(NS, "pool-epp").unwrap()["spec"]["holderIdentity"],
+        "epp-2"
+    );
+    let envoy = Envoy::start(EnvoyConfig::new().ext_proc(second.grpc).pool([a.addr()]))
+        .await
+        .unwrap();
+    eventually_served_by(&envoy, &["pod-a"]).await;
+    let _ = std::fs::remove_file(&cfg);
 }

@@ -80,6 +80,47 @@ impl Epp {
         String::from_utf8_lossy(&body).into_owned()
     }
 
+    /// The picker's gRPC `readiness` health status; `None` while it cannot be asked.
+    pub async fn readiness(
+        &self,
+    ) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.health))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "readiness".into(),
+            })
+            .await
+            .ok()?;
+        tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status).ok()
+    }
+
+    /// Whether `readiness` is SERVING.
+    pub async fn is_ready(&self) -> bool {
+        self.readiness().await
+            == Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    }
+
+    /// SIGTERM, then wait (at most 10 s) for the process to exit; returns whether it did.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// Stop the picker now (as a crash would).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
