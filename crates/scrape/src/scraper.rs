@@ -247,10 +247,13 @@ pub async fn run(datastore: Datastore, config: ScrapeConfig, clock: Clock) {
     run_with_stats(datastore, config, clock, ScrapeStats::new()).await
 }
 
+/// How often [`run_with_stats`] looks for added or removed endpoints.
+const NEW_ENDPOINT_CHECK: Duration = Duration::from_millis(5);
+
 /// Scrape every endpoint of `datastore` until the returned future is dropped, counting
 /// outcomes in `stats`.
 ///
-/// Watches [`Datastore::generation`] once per interval and keeps exactly one task per
+/// Watches [`Datastore::generation`] every 5 ms (or each interval, if shorter) and keeps exactly one task per
 /// current endpoint (keyed by [`Endpoint::id`], which changes when an endpoint's spec
 /// does). Dropping the future stops every task.
 pub async fn run_with_stats(
@@ -270,7 +273,10 @@ pub async fn run_with_stats(
         stats: stats.clone(),
     };
     let mut seen_generation = None;
-    let mut ticker = interval(config.interval);
+    // The endpoint set is checked more often than endpoints are scraped: a new endpoint is
+    // scored as stale (and so loses to every scraped one) until its first scrape lands, so
+    // that scrape should start at once. A check is one atomic load.
+    let mut ticker = interval(config.interval.min(NEW_ENDPOINT_CHECK));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
