@@ -202,8 +202,19 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_rewrite_splits_70_30_and_responses_keep_the_asked_name() {
+    weighted_rewrite_scenario(false).await;
+}
+
+/// The same scenario, with the rewrite read from the Kubernetes API (Kubernetes mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_rewrite_from_kubernetes_objects_splits_70_30_too() {
+    weighted_rewrite_scenario(true).await;
+}
+
+async fn weighted_rewrite_scenario(kubernetes: bool) {
     let rig = Rig::start(RigOptions {
         pool_yaml: Some(ROLLOUT_POOL.into()),
+        kubernetes,
         ..Default::default()
     })
     .await;
@@ -238,8 +249,19 @@ async fn weighted_rewrite_splits_70_30_and_responses_keep_the_asked_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sheddable_work_gets_429_when_every_backend_is_saturated() {
+    shedding_scenario(false).await;
+}
+
+/// The same scenario, with the objectives and Pods read from the Kubernetes API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sheddable_work_named_by_a_kubernetes_objective_gets_429_too() {
+    shedding_scenario(true).await;
+}
+
+async fn shedding_scenario(kubernetes: bool) {
     let rig = Rig::start(RigOptions {
         pool_yaml: Some(ROLLOUT_POOL.into()),
+        kubernetes,
         ..Default::default()
     })
     .await;

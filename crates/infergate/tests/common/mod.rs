@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use infergate_testkit::kube_api::{self, FakeKubeApi};
 use infergate_testkit::{free_port, wait_for_port, BodyMode, Envoy, EnvoyConfig, FakeModelServer};
 
 /// A running `infergate epp`, killed (by its PID) when dropped.
@@ -148,8 +149,18 @@ pub struct Rig {
     pub backends: Vec<FakeModelServer>,
     /// The pool file the picker watches, when the rig was started with one.
     pub pool_path: Option<PathBuf>,
+    /// The scripted API server, when the rig runs the picker in Kubernetes mode.
+    pub kube_api: Option<(FakeKubeApi, tokio::task::JoinHandle<()>)>,
     pub epp: Epp,
     pub envoy: Envoy,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some((_, server)) = &self.kube_api {
+            server.abort();
+        }
+    }
 }
 
 pub struct RigOptions {
@@ -163,6 +174,11 @@ pub struct RigOptions {
     /// commits its body to the ext_proc stream (needed for FailOpen with full duplex).
     pub envoy_health_check: bool,
     pub extra_args: Vec<String>,
+    /// Run the picker in Kubernetes mode: the same pool served by a scripted API server
+    /// (an InferencePool selecting the backends as Pods on 127.0.0.2, .3, ... sharing one
+    /// port, plus the pool file's InferenceObjectives and InferenceModelRewrites) instead
+    /// of a file or flags.
+    pub kubernetes: bool,
 }
 
 impl Default for RigOptions {
@@ -175,6 +191,7 @@ impl Default for RigOptions {
             failure_mode_allow: false,
             envoy_health_check: false,
             extra_args: vec![],
+            kubernetes: false,
         }
     }
 }
@@ -182,8 +199,15 @@ impl Default for RigOptions {
 impl Rig {
     pub async fn start(opts: RigOptions) -> Rig {
         let mut backends = Vec::new();
+        let shared_port = free_port();
         for i in 0..opts.backends {
-            backends.push(FakeModelServer::start(&format!("b{i}")).await.unwrap());
+            let b = if opts.kubernetes {
+                let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8);
+                FakeModelServer::start_on(&format!("b{i}"), (ip, shared_port).into()).await
+            } else {
+                FakeModelServer::start(&format!("b{i}")).await
+            };
+            backends.push(b.unwrap());
         }
         let tmp = std::env::temp_dir().join(format!(
             "infergate-rig-{}-{}",
@@ -198,7 +222,21 @@ impl Rig {
             std::fs::write(&p, cfg).unwrap();
             args.extend(["--config-file".into(), p.display().to_string()]);
         }
+        let mut env: Vec<(&str, String)> = Vec::new();
+        let mut kube_api = None;
         match &opts.pool_yaml {
+            _ if opts.kubernetes => {
+                let api = kube_objects(opts.pool_yaml.as_deref(), &backends, shared_port);
+                let (addr, server) = kube_api::serve(api.clone()).await;
+                let cfg = tmp.join("kubeconfig");
+                std::fs::write(&cfg, kube_api::kubeconfig(addr, kube_api::NS)).unwrap();
+                env.push(("KUBECONFIG", cfg.display().to_string()));
+                args.extend(
+                    ["--pool-namespace", kube_api::NS, "--pool-name", "pool"].map(String::from),
+                );
+                args.push("--ha-enable-leader-election=false".into());
+                kube_api = Some((api, server));
+            }
             Some(pool) => {
                 let p = tmp.join("pool.yaml");
                 std::fs::write(&p, fill_addrs(pool, &backends)).unwrap();
@@ -211,7 +249,19 @@ impl Rig {
                 args.extend(["--endpoints".into(), list.join(",")]);
             }
         }
-        let epp = Epp::start(&args).await;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let epp = Epp::start_with_env(&args, &env).await;
+        if opts.kubernetes {
+            let t0 = std::time::Instant::now();
+            while !epp.is_ready().await {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "the picker never synced from the API server; log:\n{}",
+                    epp.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let envoy = Envoy::start(
             EnvoyConfig::new()
                 .ext_proc(epp.grpc)
@@ -228,6 +278,7 @@ impl Rig {
         Rig {
             backends,
             pool_path,
+            kube_api,
             epp,
             envoy,
         }
@@ -250,6 +301,39 @@ impl Rig {
     pub fn counts(&self) -> Vec<usize> {
         self.backends.iter().map(|b| b.requests().len()).collect()
     }
+}
+
+/// The scripted API server's objects for a Kubernetes-mode rig: the InferencePool `pool`
+/// on `port`, each backend as a Ready Pod, and the InferenceObjective and
+/// InferenceModelRewrite documents of `pool_yaml` (its StaticEndpoints are the Pods).
+fn kube_objects(pool_yaml: Option<&str>, backends: &[FakeModelServer], port: u16) -> FakeKubeApi {
+    use serde::Deserialize as _;
+    let api = FakeKubeApi::default();
+    api.set_list(kube_api::POOLS, vec![kube_api::pool(port)]);
+    api.set_list(
+        kube_api::PODS,
+        backends
+            .iter()
+            .map(|b| kube_api::pod(b.name(), &b.addr().ip().to_string(), true, 10))
+            .collect(),
+    );
+    let (mut objectives, mut rewrites) = (Vec::new(), Vec::new());
+    for doc in serde_yaml_ng::Deserializer::from_str(pool_yaml.unwrap_or("")) {
+        let mut v = serde_json::Value::deserialize(doc).expect("pool YAML");
+        if v.is_null() {
+            continue;
+        }
+        v["metadata"]["namespace"] = kube_api::NS.into();
+        v["metadata"]["resourceVersion"] = "7".into();
+        match v["kind"].as_str() {
+            Some("InferenceObjective") => objectives.push(v),
+            Some("InferenceModelRewrite") => rewrites.push(v),
+            _ => {}
+        }
+    }
+    api.set_list(kube_api::OBJECTIVES, objectives);
+    api.set_list(kube_api::REWRITES, rewrites);
+    api
 }
 
 /// Replace `{B0}`, `{B1}`... by ip and `{P0}`... by port of each backend.
