@@ -44,6 +44,16 @@ struct Replica {
     task: JoinHandle<()>,
 }
 
+/// Replica `epp-a` leading and `epp-b` a standby that has seen the Lease renewed a few times.
+async fn leader_and_standby(addr: std::net::SocketAddr) -> (Replica, Replica) {
+    let a = mk_replica(addr, "epp-a");
+    eventually("a leads", Duration::from_secs(3), || a.is_leader()).await;
+    let b = mk_replica(addr, "epp-b");
+    sleep(4 * RETRY).await;
+    assert!(!b.is_leader());
+    (a, b)
+}
+
 fn mk_replica(addr: std::net::SocketAddr, identity: &str) -> Replica {
     let (tx, leader) = watch::channel(false);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -148,12 +158,7 @@ async fn a_leader_that_shuts_down_releases_and_the_standby_takes_over_at_once() 
     bounded(async {
         let api = FakeKubeApi::default();
         let (addr, server) = serve(api.clone()).await;
-        let mut a = mk_replica(addr, "epp-a");
-        eventually("a leads", Duration::from_secs(3), || a.is_leader()).await;
-        let b = mk_replica(addr, "epp-b");
-        // Let b see the Lease held and renewed a few times.
-        sleep(4 * RETRY).await;
-        assert!(!b.is_leader());
+        let (mut a, b) = leader_and_standby(addr).await;
 
         a.shutdown.take().unwrap().send(()).unwrap();
         let took = eventually("b leads", Duration::from_secs(3), || b.is_leader()).await;
@@ -180,11 +185,7 @@ async fn a_crashed_leader_is_replaced_after_the_lease_duration() {
     bounded(async {
         let api = FakeKubeApi::default();
         let (addr, server) = serve(api.clone()).await;
-        let a = mk_replica(addr, "epp-a");
-        eventually("a leads", Duration::from_secs(3), || a.is_leader()).await;
-        let b = mk_replica(addr, "epp-b");
-        sleep(4 * RETRY).await;
-        assert!(!b.is_leader());
+        let (a, b) = leader_and_standby(addr).await;
 
         // A crash: no release, the Lease still names a.
         a.task.abort();

@@ -13,6 +13,11 @@ use infergate_testkit::kube_api::{
 };
 use serde_json::json;
 
+/// A kube-rs client for the scripted API server at `addr`.
+fn mk_client(addr: std::net::SocketAddr) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
+}
+
 fn addrs(ds: &Datastore) -> Vec<String> {
     let mut v: Vec<String> = ds
         .snapshot()
@@ -115,9 +120,7 @@ async fn without_the_pool_object_the_picker_syncs_with_no_endpoints_until_it_app
     api.set_list(OBJECTIVES, vec![]);
     api.set_list(REWRITES, vec![]);
     let (addr, server) = serve(api.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
+    let client = mk_client(addr);
     let ds = Datastore::new();
     let task = tokio::spawn(infergate_k8s::watch::run(client, NS, "pool", ds.clone()));
     eventually("sync", || ds.is_synced()).await;
@@ -144,9 +147,7 @@ async fn broken_objects_are_skipped_and_a_forbidden_legacy_kind_does_not_block_s
     // RBAC for current releases does not grant the legacy InferenceModel.
     api.forbid(MODELS);
     let (addr, server) = serve(api.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
+    let client = mk_client(addr);
     let ds = Datastore::new();
     let task = tokio::spawn(infergate_k8s::watch::run(client, NS, "pool", ds.clone()));
     eventually("sync despite the 403 on InferenceModels", || ds.is_synced()).await;
@@ -170,9 +171,7 @@ async fn a_forbidden_pod_list_keeps_the_picker_unready() {
     api.set_list(REWRITES, vec![]);
     api.forbid(PODS);
     let (addr, server) = serve(api.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
+    let client = mk_client(addr);
     let ds = Datastore::new();
     let task = tokio::spawn(infergate_k8s::watch::run(client, NS, "pool", ds.clone()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
