@@ -28,7 +28,6 @@
 //! `INFERGATE_BIN` overrides the picker binary (default `<target>/release/infergate`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,19 +106,8 @@ impl Drop for Epp {
     }
 }
 
-fn infergate_bin() -> PathBuf {
-    std::env::var_os("INFERGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| infergate_testkit::target_dir().join("release/infergate"))
-}
-
 async fn start_epp(backend: SocketAddr) -> anyhow::Result<Epp> {
-    let bin = infergate_bin();
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} not found; build it with `cargo build --release -p infergate --bin infergate`",
-        bin.display()
-    );
+    let bin = infergate_testkit::release_infergate()?;
     let (grpc, health, metrics) = (free_port(), free_port(), free_port());
     let log = std::env::temp_dir().join(format!("envoy_overhead-epp-{}.log", std::process::id()));
     let child = Command::new(&bin)

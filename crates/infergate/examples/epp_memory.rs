@@ -21,7 +21,6 @@
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -323,14 +322,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&pool, y)?;
 
-    let bin: PathBuf = std::env::var_os("INFERGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| infergate_testkit::target_dir().join("release/infergate"));
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} not found; build it with --release",
-        bin.display()
-    );
+    let bin = infergate_testkit::release_infergate()?;
     let (grpc, health, metrics) = (free_port(), free_port(), free_port());
     let t0 = Instant::now();
     let child = Command::new(&bin)

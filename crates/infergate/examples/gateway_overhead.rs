@@ -448,43 +448,13 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(infergate_testkit::free_port())
 }
 
-fn repo_root() -> PathBuf {
-    // crates/infergate -> crates -> repo
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| manifest.to_path_buf())
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if !d.is_empty() => {
-            let d = PathBuf::from(d);
-            if d.is_absolute() {
-                d
-            } else {
-                repo_root().join(d)
-            }
-        }
-        _ => repo_root().join("target"),
-    }
-}
-
-fn infergate_bin() -> PathBuf {
-    std::env::var_os("INFERGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("release/infergate"))
-}
-
 /// The python that can import both peer routers, installing them if needed (the install
 /// script is quick when they are already there). `Err` says why the peers cannot run.
 fn routers_python() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("INFERGATE_ROUTERS_PYTHON") {
         return Ok(PathBuf::from(p));
     }
-    let script = repo_root().join("scripts/install-routers.sh");
+    let script = infergate_testkit::repo_root().join("scripts/install-routers.sh");
     if !script.is_file() {
         return Err(format!("{} not found", script.display()));
     }
@@ -555,12 +525,7 @@ async fn start_target(
     let mut cmd;
     match kind {
         PathKind::Infergate => {
-            let bin = infergate_bin();
-            anyhow::ensure!(
-                bin.is_file(),
-                "{} not found; build it with `cargo build --release -p infergate --bin infergate`",
-                bin.display()
-            );
+            let bin = infergate_testkit::release_infergate()?;
             let endpoints: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
             cmd = Command::new(bin);
             cmd.arg("serve")
@@ -1121,18 +1086,15 @@ async fn run(a: Args, backends: Vec<Arc<Backend>>) -> anyhow::Result<()> {
         }
     }
     if paths.contains(&PathKind::Infergate) {
-        let bin = infergate_bin();
+        let bin = infergate_testkit::release_infergate();
         if a.skip_infergate {
             println!("SKIPPED infergate: --skip-infergate given");
             paths.retain(|p| *p != PathKind::Infergate);
-        } else if !bin.is_file() {
-            println!(
-                "SKIPPED infergate: {} not found; build it with `cargo build --release -p infergate --bin infergate`",
-                bin.display()
-            );
+        } else if let Err(e) = &bin {
+            println!("SKIPPED infergate: {e}");
             paths.retain(|p| *p != PathKind::Infergate);
-        } else {
-            let help = Command::new(&bin)
+        } else if let Ok(bin) = &bin {
+            let help = Command::new(bin)
                 .args(["serve", "--help"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -22,7 +22,6 @@
 //! target/release/examples/k8s_propagation [--cycles 20] [--other-pods 0] [--other-events 0]
 //! ```
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,14 +93,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join("kubeconfig");
     std::fs::write(&cfg, kubeconfig(api_addr, NS))?;
-    let bin: PathBuf = std::env::var_os("INFERGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| infergate_testkit::target_dir().join("release/infergate"));
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} not found; build it with --release",
-        bin.display()
-    );
+    let bin = infergate_testkit::release_infergate()?;
     let (grpc, health, metrics) = (free_port(), free_port(), free_port());
     let mut child = Command::new(&bin)
         .args(["epp", "--listen-address", "127.0.0.1"])

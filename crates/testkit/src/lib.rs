@@ -62,3 +62,17 @@ pub fn target_dir() -> std::path::PathBuf {
         _ => repo_root().join("target"),
     }
 }
+
+/// The release `infergate` binary the benchmark examples start: `$INFERGATE_BIN` if set,
+/// else `<target>/release/infergate`; an error says how to build it when it is missing.
+pub fn release_infergate() -> anyhow::Result<std::path::PathBuf> {
+    let bin = std::env::var_os("INFERGATE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/infergate"));
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found; build it with `cargo build --release -p infergate --bin infergate`",
+        bin.display()
+    );
+    Ok(bin)
+}
