@@ -1,0 +1,3 @@
+#![no_main]
+// See infergate_fuzz_harness::openai_body for the input format and what must hold.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| infergate_fuzz_harness::openai_body(data));
