@@ -175,7 +175,10 @@ impl PrefixIndex {
     /// Record that `endpoint` was sent a prompt with these block hashes. `capacity` is the
     /// endpoint's own cache size in blocks when known (auto-tune), else the configured one.
     pub fn insert(&mut self, endpoint: EndpointKey, hashes: &[u64], capacity: Option<usize>) {
-        for &h in hashes {
+        // Last block first, so the prompt's first block is the most recently used: matching
+        // needs a prompt's head (it stops at the first miss), so eviction must take the
+        // tail first, as a model server's own cache frees a sequence's last blocks first.
+        for &h in hashes.iter().rev() {
             self.tick += 1;
             let tick = self.tick;
             let lru = self.per_endpoint.entry(endpoint).or_default();
@@ -331,12 +334,14 @@ mod tests {
             ..cfg()
         };
         let mut idx = PrefixIndex::new(c);
-        idx.insert(1, &[1, 2, 3, 4], None);
-        idx.insert(1, &[1], None); // refresh 1
-        idx.insert(1, &[5], None); // evicts 2
+        idx.insert(1, &[1, 2, 3, 4], None); // aged tail first: 4 is the oldest
+        idx.insert(1, &[3], None); // refresh 3
+        idx.insert(1, &[5], None); // evicts 4, the prompt's tail
         assert_eq!(idx.len(), 4);
-        assert!(idx.longest_matches(&[2]).is_empty());
-        assert_eq!(idx.longest_matches(&[1]).get(&1), Some(&1));
+        assert!(idx.longest_matches(&[4]).is_empty());
+        assert_eq!(idx.longest_matches(&[1, 2, 3, 4]).get(&1), Some(&3));
+        idx.insert(1, &[6], None); // evicts 2 (1 and 3 are newer)
+        assert_eq!(idx.longest_matches(&[1, 2, 3]).get(&1), Some(&1));
     }
 
     #[test]
