@@ -438,7 +438,18 @@ impl Director {
         };
         let endpoint = views[primary].endpoint.clone();
         if !hashes.is_empty() {
-            let blocks = endpoint.sample().metrics.num_gpu_blocks.map(|b| b as usize);
+            // The server counts its cache in its own blocks; the index in blocks of
+            // blockSizeTokens. Convert, or a 16-token vLLM block against 64-token index
+            // blocks would credit the endpoint with 4x the cache it has.
+            let blocks = endpoint.with_sample(|s| {
+                s.metrics.num_gpu_blocks.map(|b| {
+                    crate::prefix::index_capacity(
+                        b,
+                        s.metrics.block_size,
+                        cfg.prefix.block_size_tokens,
+                    )
+                })
+            });
             self.prefix
                 .lock()
                 .index

@@ -104,6 +104,18 @@ pub struct PrefixIndex {
     looked_blocks: u64,
 }
 
+/// An endpoint's cache size in index blocks: `server_blocks` of `server_block_tokens`
+/// tokens each (vLLM's default block is 16 tokens when the server does not say), held in
+/// blocks of `index_block_tokens`.
+pub fn index_capacity(
+    server_blocks: u64,
+    server_block_tokens: Option<u32>,
+    index_block_tokens: usize,
+) -> usize {
+    let tokens = server_blocks.saturating_mul(u64::from(server_block_tokens.unwrap_or(16)));
+    usize::try_from(tokens / index_block_tokens.max(1) as u64).unwrap_or(usize::MAX)
+}
+
 impl PrefixIndex {
     pub fn new(cfg: PrefixConfig) -> Self {
         PrefixIndex {
@@ -342,6 +354,15 @@ mod tests {
         assert_eq!(idx.longest_matches(&[1, 2, 3, 4]).get(&1), Some(&3));
         idx.insert(1, &[6], None); // evicts 2 (1 and 3 are newer)
         assert_eq!(idx.longest_matches(&[1, 2, 3]).get(&1), Some(&1));
+    }
+
+    #[test]
+    fn capacity_is_converted_to_index_blocks() {
+        // 1,000 vLLM blocks of 16 tokens hold 250 index blocks of 64 tokens.
+        assert_eq!(index_capacity(1_000, Some(16), 64), 250);
+        assert_eq!(index_capacity(1_000, Some(32), 16), 2_000);
+        assert_eq!(index_capacity(1_000, None, 16), 1_000);
+        assert_eq!(index_capacity(u64::MAX, Some(u32::MAX), 0), usize::MAX);
     }
 
     #[test]
