@@ -360,10 +360,9 @@ impl Exchange {
             }
         };
         self.decided_at = t1;
-        let labels = ModelLabels {
-            model_name: decision.model.clone(),
-            target_model_name: decision.target_model.clone(),
-        };
+        let labels = ctx
+            .metrics
+            .model_labels(&decision.model, &decision.target_model);
         ctx.metrics
             .request_total
             .get_or_create(&RequestLabels {

@@ -22,7 +22,7 @@ use hyper::header::{
 use hyper::http::{request, response};
 use hyper::{Request, Response, StatusCode, Uri};
 use infergate_core::director::{Decision, RequestInput};
-use infergate_metrics::{ErrorLabels, ModelLabels};
+use infergate_metrics::ErrorLabels;
 use rand::rngs::SmallRng;
 use rand::Rng as _;
 use tokio::time::Instant;
@@ -161,10 +161,9 @@ async fn proxy(
         }
     };
     span.record("model", decision.model.as_str());
-    let labels = ModelLabels {
-        model_name: decision.model.clone(),
-        target_model_name: decision.target_model.clone(),
-    };
+    let labels = gw
+        .metrics
+        .model_labels(&decision.model, &decision.target_model);
     let mut ledger = Ledger::open(
         gw.clone(),
         labels,

@@ -100,7 +100,17 @@ pub struct Metrics {
     pub prefix_indexer_max_entries: Gauge,
     pub prefix_indexer_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub pool_name: String,
+    /// Model names already used as label values (see [`Metrics::model_labels`]).
+    model_names: parking_lot::RwLock<std::collections::HashSet<String>>,
 }
+
+/// Distinct model names (requested or target) kept as label values; later ones are
+/// counted under [`OTHER_MODEL`]. Clients choose model names, and every name makes a dozen
+/// series (histograms with their buckets), so without a bound a client sending random
+/// names could grow the picker's memory and every scrape without limit.
+pub const MAX_MODEL_LABELS: usize = 500;
+/// The label value of model names past [`MAX_MODEL_LABELS`].
+pub const OTHER_MODEL: &str = "other";
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +119,37 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// The label values for a request for `model`, served as `target`: the names
+    /// themselves while fewer than [`MAX_MODEL_LABELS`] distinct names have been seen,
+    /// [`OTHER_MODEL`] for new names after that.
+    pub fn model_labels(&self, model: &str, target: &str) -> ModelLabels {
+        ModelLabels {
+            model_name: self.bounded_model(model),
+            target_model_name: self.bounded_model(target),
+        }
+    }
+
+    fn bounded_model(&self, name: &str) -> String {
+        if name.is_empty() || self.model_names.read().contains(name) {
+            return name.to_owned();
+        }
+        let mut names = self.model_names.write();
+        if names.contains(name) {
+            return name.to_owned();
+        }
+        if names.len() >= MAX_MODEL_LABELS {
+            return OTHER_MODEL.to_owned();
+        }
+        if names.len() + 1 == MAX_MODEL_LABELS {
+            tracing::warn!(
+                "{MAX_MODEL_LABELS} distinct model names are now labelled in the metrics; \
+                 requests for further names are counted as model_name=\"{OTHER_MODEL}\""
+            );
+        }
+        names.insert(name.to_owned());
+        name.to_owned()
+    }
+
     /// Build and register every metric; `pool_name` labels the pool gauges.
     pub fn new(pool_name: &str) -> Self {
         let mut r = Registry::default();
@@ -140,6 +181,7 @@ impl Metrics {
             prefix_indexer_hit_ratio: Gauge::default(),
             pool_name: pool_name.to_string(),
             registry: Registry::default(),
+            model_names: Default::default(),
         };
         // prometheus-client appends `_total` to counters itself.
         r.register(
