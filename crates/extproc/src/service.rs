@@ -102,12 +102,25 @@ impl ExternalProcessor for Picker {
 }
 
 /// Serve ext_proc on `addr` until `shutdown` resolves.
+///
+/// With `tls` (a PEM certificate chain and key) the port speaks only TLS, as the reference
+/// picker's does by default; gateways connect with TLS and, by default, skip verification.
 pub async fn serve_extproc(
     picker: Picker,
     addr: SocketAddr,
+    tls: Option<tonic::transport::Identity>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        server = server.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                // A client that never finishes its handshake must not hold a task forever.
+                .timeout(std::time::Duration::from_secs(10)),
+        )?;
+    }
+    server
         // Fixed, generous windows: adaptive sizing adds ping frames to every burst, and
         // bodies of many megabytes must not stall on flow control.
         .initial_stream_window_size(Some(4 << 20))

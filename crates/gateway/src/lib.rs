@@ -1,6 +1,6 @@
-//! The standalone gateway's data plane: an OpenAI-compatible HTTP server (HTTP/1.1 and h2c)
-//! that schedules each request with the picker's [`Director`] and forwards it to the chosen
-//! model server.
+//! The standalone gateway's data plane: an OpenAI-compatible HTTP server (HTTP/1.1 and h2c,
+//! or HTTPS with either) that schedules each request with the picker's [`Director`] and
+//! forwards it to the chosen model server.
 //!
 //! - `proxy`: one inference request: auth, body limits, scheduling, attempts and retries.
 //! - `relay`: the response body relayed frame by frame, with usage and picker metrics.
@@ -204,6 +204,18 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
+        self.serve_with_tls(listener, None, shutdown).await
+    }
+
+    /// As [`Gateway::serve`]; with `tls`, every connection first completes a TLS handshake
+    /// (within the header read timeout) and then speaks HTTP/1.1 or HTTP/2, as ALPN chose.
+    pub async fn serve_with_tls(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -224,8 +236,9 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
-                        connections.spawn(self.clone().serve_connection(
+                        connections.spawn(self.clone().accept_connection(
                             stream,
+                            tls.clone(),
                             builder.clone(),
                             stop_rx.clone(),
                         ));
@@ -262,12 +275,33 @@ impl Gateway {
         Ok(())
     }
 
-    async fn serve_connection(
+    /// The TLS handshake, when configured, runs here on the connection's own task, so a
+    /// slow client never holds up the accept loop.
+    async fn accept_connection(
         self: Arc<Self>,
         stream: tokio::net::TcpStream,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let Some(acceptor) = tls else {
+            return self.serve_connection(stream, builder, stop).await;
+        };
+        match tokio::time::timeout(self.cfg.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve_connection(stream, builder, stop).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake with a client failed"),
+            Err(_) => tracing::debug!("TLS handshake with a client timed out"),
+        }
+    }
+
+    async fn serve_connection<S>(
+        self: Arc<Self>,
+        stream: S,
         builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
         mut stop: watch::Receiver<bool>,
-    ) {
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let gw = self;
         let svc = hyper::service::service_fn(move |req| {
             let gw = gw.clone();

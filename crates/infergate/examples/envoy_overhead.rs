@@ -11,8 +11,13 @@
 //! ```sh
 //! cargo build --release -p infergate --bin infergate --example envoy_overhead
 //! target/release/examples/envoy_overhead [--rate 200] [--secs 15] [--warmup-secs 3] [--b-first]
-//!     [--response-body-none] [--floor]
+//!     [--response-body-none] [--floor] [--plaintext-picker]
 //! ```
+//!
+//! The picker serves ext_proc over TLS (its default) and Envoy connects with TLS without
+//! verification, as a gateway does; `--plaintext-picker` runs it with
+//! `--secure-serving=false` behind a plaintext cluster instead, to show what TLS costs. The
+//! trivial picker of `--floor` is always plaintext.
 //!
 //! `--response-body-none` sets the filter's response body mode to NONE (the picker still sees
 //! response headers), to show what the response-body round trips cost.
@@ -55,6 +60,7 @@ struct Args {
     b_first: bool,
     response_body_none: bool,
     floor: bool,
+    plaintext_picker: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -65,6 +71,7 @@ fn args() -> anyhow::Result<Args> {
         b_first: false,
         response_body_none: false,
         floor: false,
+        plaintext_picker: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -81,8 +88,9 @@ fn args() -> anyhow::Result<Args> {
             "--b-first" => a.b_first = true,
             "--response-body-none" => a.response_body_none = true,
             "--floor" => a.floor = true,
+            "--plaintext-picker" => a.plaintext_picker = true,
             other => anyhow::bail!(
-                "unknown argument {other:?} (known: --rate R, --secs S, --warmup-secs S, --b-first, --response-body-none, --floor)"
+                "unknown argument {other:?} (known: --rate R, --secs S, --warmup-secs S, --b-first, --response-body-none, --floor, --plaintext-picker)"
             ),
         }
     }
@@ -106,7 +114,7 @@ impl Drop for Epp {
     }
 }
 
-async fn start_epp(backend: SocketAddr) -> anyhow::Result<Epp> {
+async fn start_epp(backend: SocketAddr, plaintext: bool) -> anyhow::Result<Epp> {
     let bin = infergate_testkit::release_infergate()?;
     let (grpc, health, metrics) = (free_port(), free_port(), free_port());
     let log = std::env::temp_dir().join(format!("envoy_overhead-epp-{}.log", std::process::id()));
@@ -117,6 +125,7 @@ async fn start_epp(backend: SocketAddr) -> anyhow::Result<Epp> {
         .args(["--grpc-health-port", &health.to_string()])
         .args(["--metrics-port", &metrics.to_string()])
         .args(["--endpoints", &backend.to_string()])
+        .args(plaintext.then_some("--secure-serving=false"))
         .env("INFERGATE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -383,7 +392,15 @@ struct Path {
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
     let backend = Arc::new(FakeModelServer::start("b0").await?);
-    let epp = start_epp(backend.addr()).await?;
+    let epp = start_epp(backend.addr(), a.plaintext_picker).await?;
+    // Envoy's side of the picker connection, as the picker serves it.
+    let to_picker = |cfg: EnvoyConfig| {
+        if a.plaintext_picker {
+            cfg.ext_proc_plaintext()
+        } else {
+            cfg
+        }
+    };
     let epp_pid = epp.child.id().to_string();
     let mut paths = vec![
         Path {
@@ -397,7 +414,7 @@ async fn main() -> anyhow::Result<()> {
             letter: 'b',
             label: "b envoy+epp",
             envoy: Envoy::start(
-                EnvoyConfig::new()
+                to_picker(EnvoyConfig::new())
                     .ext_proc(epp.grpc)
                     .request_body_mode(BodyMode::FullDuplexStreamed)
                     .response_body_mode(if a.response_body_none {
@@ -425,13 +442,13 @@ async fn main() -> anyhow::Result<()> {
         paths.push(Path {
             letter: 'c',
             label: "c envoy+trivial (BUF)",
-            envoy: Envoy::start(buffered().ext_proc(trivial)).await?,
+            envoy: Envoy::start(buffered().ext_proc(trivial).ext_proc_plaintext()).await?,
             picker_pid: "self".to_string(),
         });
         paths.push(Path {
             letter: 'd',
             label: "d envoy+epp (BUF)",
-            envoy: Envoy::start(buffered().ext_proc(epp.grpc)).await?,
+            envoy: Envoy::start(to_picker(buffered()).ext_proc(epp.grpc)).await?,
             picker_pid: epp_pid.clone(),
         });
     }

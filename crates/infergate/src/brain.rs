@@ -348,26 +348,131 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Serves `GET /metrics` from `metrics` on `listener` until the process ends.
-pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+/// Who may read `/metrics`.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsAuthArgs {
+    /// Require a bearer token on /metrics. On by default in Kubernetes mode, where the API
+    /// server reviews the token (TokenReview, then a SubjectAccessReview for `get
+    /// /metrics`: grant Prometheus's ServiceAccount that non-resource URL). Elsewhere off
+    /// unless --metrics-bearer-token-file is given. `--metrics-endpoint-auth=false` opens it.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub metrics_endpoint_auth: Option<bool>,
+    /// A file holding the one bearer token that may read /metrics (any mode; surrounding
+    /// whitespace is ignored). Replaces the API server's review in Kubernetes mode.
+    #[arg(long)]
+    pub metrics_bearer_token_file: Option<PathBuf>,
+}
+
+/// How `/metrics` requests are authorised.
+pub enum MetricsAuth {
+    Open,
+    Token(String),
+    Kubernetes(infergate_k8s::auth::TokenReviewer),
+}
+
+impl MetricsAuth {
+    /// The policy the flags ask for; `kube` is the API client in Kubernetes mode.
+    pub fn from_args(args: &MetricsAuthArgs, kube: Option<&kube::Client>) -> anyhow::Result<Self> {
+        match (args.metrics_endpoint_auth, &args.metrics_bearer_token_file, kube) {
+            (Some(false), Some(_), _) => anyhow::bail!(
+                "--metrics-endpoint-auth=false and --metrics-bearer-token-file contradict each other; drop one"
+            ),
+            (Some(false), None, _) => Ok(MetricsAuth::Open),
+            (_, Some(path), _) => {
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --metrics-bearer-token-file {}", path.display()))?
+                    .trim()
+                    .to_string();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "--metrics-bearer-token-file {} is empty; put the token in it",
+                    path.display()
+                );
+                Ok(MetricsAuth::Token(token))
+            }
+            (_, None, Some(client)) => Ok(MetricsAuth::Kubernetes(
+                infergate_k8s::auth::TokenReviewer::new(client.clone(), "/metrics"),
+            )),
+            (Some(true), None, None) => anyhow::bail!(
+                "--metrics-endpoint-auth outside Kubernetes mode needs --metrics-bearer-token-file (there is no API server to review tokens)"
+            ),
+            (None, None, None) => Ok(MetricsAuth::Open),
+        }
+    }
+
+    /// `None` when the request may read the metrics, else the refusal to send.
+    async fn refuse(&self, req: &hyper::Request<hyper::body::Incoming>) -> Option<(u16, String)> {
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match (self, token) {
+            (MetricsAuth::Open, _) => None,
+            (_, None) => Some((
+                401,
+                "a bearer token is required (Authorization: Bearer ...)".into(),
+            )),
+            (MetricsAuth::Token(want), Some(got)) => {
+                (!constant_time_eq(want.as_bytes(), got.as_bytes()))
+                    .then(|| (401, "the bearer token is not valid".into()))
+            }
+            (MetricsAuth::Kubernetes(reviewer), Some(got)) => {
+                use infergate_k8s::auth::Verdict;
+                match reviewer.review(got).await {
+                    Ok(Verdict::Allowed) => None,
+                    Ok(Verdict::Unauthenticated(why)) => Some((401, why)),
+                    Ok(Verdict::Forbidden(why)) => Some((403, why)),
+                    Err(e) => {
+                        tracing::warn!("cannot check a /metrics token: {e}");
+                        Some((503, format!("cannot check the token now: {e}")))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compares secrets without an early exit that would time how much of a guess is right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves `GET /metrics` from `metrics` on `listener` until the process ends, to the
+/// requests `auth` lets through.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    auth: Arc<MetricsAuth>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, auth) = (metrics.clone(), auth.clone());
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
+                    let (metrics, auth) = (metrics.clone(), auth.clone());
                     async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            hyper::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(Bytes::from(metrics.encode())))
-                        } else {
+                        let resp = if req.uri().path() != "/metrics" {
                             hyper::Response::builder()
                                 .status(404)
                                 .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                        } else if let Some((code, why)) = auth.refuse(&req).await {
+                            let mut r = hyper::Response::builder().status(code);
+                            if code == 401 {
+                                r = r.header(
+                                    "www-authenticate",
+                                    "Bearer realm=\"infergate metrics\"",
+                                );
+                            }
+                            r.body(Full::new(Bytes::from(format!("{why}\n"))))
+                        } else {
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(metrics.encode())))
                         };
                         Ok::<_, Infallible>(resp.unwrap_or_default())
                     }

@@ -11,7 +11,11 @@ use clap::Args;
 use infergate_extproc::service::{serve_extproc, set_health, Picker};
 use infergate_extproc::{Context, Options};
 
-use crate::brain::{duration, scheduler_config, serve_metrics, shutdown_signal, Brain, PoolArgs};
+use crate::brain::{
+    duration, scheduler_config, serve_metrics, shutdown_signal, Brain, MetricsAuth,
+    MetricsAuthArgs, PoolArgs,
+};
+use crate::tls::ServerIdentity;
 
 /// Flags of `infergate epp`; names and defaults follow the reference picker where it has them.
 #[derive(Args, Debug)]
@@ -30,6 +34,8 @@ pub struct EppArgs {
     pub listen_address: IpAddr,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub metrics_auth: MetricsAuthArgs,
     /// Request bodies above this many bytes are refused with 413.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
@@ -42,6 +48,22 @@ pub struct EppArgs {
     /// `--ha-enable-leader-election=false` makes every replica active.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ha_enable_leader_election: Option<bool>,
+    /// Serve ext_proc over TLS (default on, as the reference picker). Gateways connect with
+    /// TLS and by default do not verify the certificate; `--secure-serving=false` serves
+    /// plaintext gRPC, for a gateway configured without TLS to the picker.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub secure_serving: bool,
+    /// Directory holding `tls.crt` and `tls.key` (PEM; a mounted kubernetes.io/tls Secret)
+    /// for ext_proc. Without it, a self-signed certificate is made at start.
+    #[arg(long, value_name = "DIR")]
+    pub cert_path: Option<std::path::PathBuf>,
     /// The Lease's name (in the watched namespace); `<pool-name>-epp` by default.
     #[arg(long)]
     pub ha_lease_name: Option<String>,
@@ -88,6 +110,7 @@ pub fn check(config: Option<&Path>, pool: Option<&Path>) -> anyhow::Result<()> {
 }
 
 pub fn run(args: EppArgs) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if args.worker_threads > 0 {
         rt.worker_threads(args.worker_threads);
@@ -96,7 +119,53 @@ pub fn run(args: EppArgs) -> anyhow::Result<()> {
     rt.block_on(serve(args))
 }
 
+/// The ext_proc server's certificate: none with `--secure-serving=false`, the files under
+/// `--cert-path`, or a fresh self-signed one. Checked here so that a bad file stops the start.
+fn ext_proc_identity(args: &EppArgs) -> anyhow::Result<Option<tonic::transport::Identity>> {
+    if !args.secure_serving {
+        if let Some(dir) = &args.cert_path {
+            tracing::warn!(
+                cert_path = %dir.display(),
+                "--cert-path is ignored: --secure-serving=false serves plaintext gRPC"
+            );
+        }
+        tracing::info!("ext_proc serves plaintext gRPC (--secure-serving=false)");
+        return Ok(None);
+    }
+    let identity = match &args.cert_path {
+        Some(dir) => {
+            let id = ServerIdentity::from_dir(dir).with_context(|| {
+                format!(
+                    "--cert-path {}: cannot serve ext_proc over TLS",
+                    dir.display()
+                )
+            })?;
+            tracing::info!(
+                cert_path = %dir.display(), sha256 = %id.fingerprint,
+                "ext_proc serves TLS with the certificate in --cert-path"
+            );
+            id
+        }
+        None => {
+            let id = ServerIdentity::self_signed(
+                &crate::tls::hostname().into_iter().collect::<Vec<_>>(),
+            )?;
+            tracing::info!(
+                sha256 = %id.fingerprint,
+                "ext_proc serves TLS with a self-signed certificate made at start \
+                 (--cert-path to use your own, --secure-serving=false for plaintext)"
+            );
+            id
+        }
+    };
+    Ok(Some(tonic::transport::Identity::from_pem(
+        identity.cert_pem,
+        identity.key_pem,
+    )))
+}
+
 async fn serve(args: EppArgs) -> anyhow::Result<()> {
+    let tls = ext_proc_identity(&args)?;
     let election = match (args.ha_enable_leader_election, args.pool.kubernetes()) {
         (Some(true), false) => anyhow::bail!(
             "--ha-enable-leader-election needs Kubernetes mode (--pool-namespace or \
@@ -163,7 +232,12 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} for metrics (--metrics-port)"))?;
-    tokio::spawn(serve_metrics(metrics_listener, brain.metrics.clone()));
+    let auth = MetricsAuth::from_args(&args.metrics_auth, brain.kube.as_ref().map(|(c, _)| c))?;
+    tokio::spawn(serve_metrics(
+        metrics_listener,
+        brain.metrics.clone(),
+        std::sync::Arc::new(auth),
+    ));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
@@ -189,11 +263,11 @@ async fn serve(args: EppArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {grpc_addr} for ext_proc (--grpc-port)"))?,
     );
     tracing::info!(
-        ext_proc = %grpc_addr, health = %health_addr, metrics = %metrics_addr,
+        ext_proc = %grpc_addr, tls = tls.is_some(), health = %health_addr, metrics = %metrics_addr,
         endpoints = brain.datastore.snapshot().endpoints.len(), pool = %brain.pool_name,
         "infergate epp ready"
     );
-    serve_extproc(Picker::new(ctx), grpc_addr, stopped(stop_rx)).await?;
+    serve_extproc(Picker::new(ctx), grpc_addr, tls, stopped(stop_rx)).await?;
     if let Some(task) = lease_task {
         // The release is bounded inside the lease loop; this only waits for it.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -8,6 +8,7 @@ mod pool_source;
 mod scenario;
 mod serve;
 mod sim;
+mod tls;
 
 use clap::{Parser, Subcommand};
 

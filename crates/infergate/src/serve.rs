@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,6 +13,7 @@ use infergate_gateway::{ApiKeys, Gateway, GatewayConfig};
 use infergate_sim::server::{Server, ServerConfig};
 
 use crate::brain::{duration, shutdown_signal, Brain, PoolArgs};
+use crate::tls::ServerIdentity;
 
 /// Flags of `infergate serve`. The pool and scheduler flags are the same as `infergate epp`'s.
 #[derive(Args, Debug)]
@@ -67,6 +69,13 @@ pub struct ServeArgs {
     /// API keys as `KEY[:OBJECTIVE],...` (read from the environment so keys stay out of `ps`).
     #[arg(long, env = "INFERGATE_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key-file). Off by default:
+    /// OpenAI clients speak plain HTTP to a local gateway unless given an https:// base URL.
+    #[arg(long, requires = "tls_key_file", value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file", value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
     /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -82,6 +91,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if args.worker_threads > 0 {
         rt.worker_threads(args.worker_threads);
@@ -124,7 +134,21 @@ async fn start_sims(n: u16, profile: &str) -> anyhow::Result<Vec<Server>> {
     Ok(servers)
 }
 
+/// The HTTPS config from --tls-cert-file/--tls-key-file, checked before anything starts.
+fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let id = ServerIdentity::from_files(cert, key)
+        .context("--tls-cert-file/--tls-key-file: cannot serve HTTPS")?;
+    tracing::info!(cert = %cert.display(), sha256 = %id.fingerprint, "serving HTTPS");
+    // Offer h2 first, as the plaintext port serves both HTTP/1.1 and h2c.
+    Ok(Some(id.rustls_config(&[b"h2", b"http/1.1"])?))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tls = tls_config(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let keys = api_keys(&args)?;
     let auth_on = keys.is_some();
     let sims = if args.pool.endpoints.is_empty()
@@ -185,14 +209,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             ""
         };
+        // A certificate curl does not know yet (say, self-signed) would fail the first try.
+        let insecure = if scheme == "https" { "k" } else { "" };
         println!("try:");
         println!(
-            "  curl -s http://{local}/v1/chat/completions -H 'content-type: application/json'{auth} \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
+            "  curl -s{insecure} {scheme}://{local}/v1/chat/completions -H 'content-type: application/json'{auth} \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
         );
     }
     // Last, so whoever waits for this line has the whole banner.
-    println!("infergate serve: listening on http://{local}");
-    gateway.serve(listener, shutdown_signal()).await?;
+    println!("infergate serve: listening on {scheme}://{local}");
+    gateway
+        .serve_with_tls(listener, tls, shutdown_signal())
+        .await?;
     for s in &sims {
         s.shutdown(Duration::from_secs(1)).await;
     }

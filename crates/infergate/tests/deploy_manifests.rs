@@ -27,7 +27,7 @@ use infergate_api::resources::{
 use infergate_api::{EndpointPickerConfig, Resource};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -308,6 +308,8 @@ struct Render {
     service_accounts: Vec<ServiceAccount>,
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     pools: Vec<InferencePool>,
     objectives: Vec<InferenceObjective>,
@@ -340,6 +342,12 @@ fn read(docs: &[Value], errors: &mut Vec<String>) -> Render {
             ("rbac.authorization.k8s.io/v1", "Role") => strict(doc).map(|o| r.roles.push(o)),
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
                 strict(doc).map(|o| r.role_bindings.push(o))
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                strict(doc).map(|o| r.cluster_roles.push(o))
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                strict(doc).map(|o| r.cluster_role_bindings.push(o))
             }
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                 strict::<CustomResourceDefinition>(doc).map(drop)
@@ -688,6 +696,75 @@ fn check_picker(r: &Render, d: &Deployment, c: &Container, errors: &mut Vec<Stri
         fail(format!(
             "Role grants are not least privilege: extra {extra:?}, missing {missing:?}"
         ));
+    }
+
+    // Cluster-wide: only the two reviews that protect /metrics (TokenReview and
+    // SubjectAccessReview are cluster-scoped). A ServiceAccount subject of a
+    // ClusterRoleBinding names its namespace; "default" stands for an unset one.
+    let sa_ns = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    };
+    let mut cluster_granted = BTreeSet::new();
+    for b in &r.cluster_role_bindings {
+        let binds_sa = b.subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(sa_ns)
+        });
+        if !binds_sa {
+            continue;
+        }
+        let Some(role) = r
+            .cluster_roles
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(&b.role_ref.name))
+        else {
+            fail(format!(
+                "ClusterRole {} is not in the render",
+                b.role_ref.name
+            ));
+            continue;
+        };
+        for rule in role.rules.iter().flatten() {
+            if rule.resource_names.is_some() || rule.non_resource_urls.is_some() {
+                fail(
+                    "the picker's ClusterRole must not use resourceNames or nonResourceURLs".into(),
+                );
+            }
+            for g in rule.api_groups.iter().flatten() {
+                for res in rule.resources.iter().flatten() {
+                    for v in &rule.verbs {
+                        cluster_granted.insert((g.clone(), res.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let want: BTreeSet<(String, String, String)> = [
+        ("authentication.k8s.io", "tokenreviews"),
+        ("authorization.k8s.io", "subjectaccessreviews"),
+    ]
+    .iter()
+    .map(|(g, res)| (g.to_string(), res.to_string(), "create".to_string()))
+    .collect();
+    if cluster_granted != want {
+        fail(format!(
+            "the picker's cluster-wide grants are {cluster_granted:?}; want exactly {want:?} (for /metrics token reviews)"
+        ));
+    }
+    // The reader role for Prometheus grants `get /metrics` and nothing else.
+    for c in &r.cluster_roles {
+        if c.metadata.name.as_deref() != Some("infergate-metrics-reader") {
+            continue;
+        }
+        let ok = c.rules.iter().flatten().all(|rule| {
+            rule.non_resource_urls.as_deref() == Some(&["/metrics".to_string()][..])
+                && rule.verbs == ["get"]
+                && rule.resources.is_none()
+        });
+        if !ok {
+            fail("ClusterRole infergate-metrics-reader must grant only get on /metrics".into());
+        }
     }
 }
 
@@ -1142,10 +1219,8 @@ fn the_base_picker_is_what_the_docs_say() {
         .flatten()
         .map(|p| (p.name.clone().unwrap(), (p.port, p.app_protocol.clone())))
         .collect();
-    assert_eq!(
-        ports["grpc-ext-proc"],
-        (9002, Some("kubernetes.io/h2c".into()))
-    );
+    // TLS by default: no h2c appProtocol that would make a gateway speak cleartext.
+    assert_eq!(ports["grpc-ext-proc"], (9002, None));
     assert_eq!(ports["grpc-health"].0, 9003);
     assert_eq!(ports["http-metrics"].0, 9090);
 }

@@ -237,10 +237,18 @@ async fn two_pickers_elect_one_ready_leader_and_the_standby_takes_over_on_sigter
         api.lease(NS, "pool-epp").unwrap()["spec"]["holderIdentity"],
         "epp-1"
     );
+    // /metrics needs a token the API server accepts and authorises for `get /metrics`
+    // (on by default in Kubernetes mode).
+    api.add_token("prom-token", "system:serviceaccount:monitoring:prometheus");
+    api.add_token("app-token", "system:serviceaccount:llm:app");
+    api.allow_metrics("system:serviceaccount:monitoring:prometheus");
+    assert_eq!(second.metrics_with_token(None).await.0, 401);
+    assert_eq!(second.metrics_with_token(Some("made-up")).await.0, 401);
+    assert_eq!(second.metrics_with_token(Some("app-token")).await.0, 403);
     // The standby's view is current: it counts the pool's one endpoint as well.
-    assert!(second
-        .metrics_text()
-        .await
+    let (status, text) = second.metrics_with_token(Some("prom-token")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text
         .lines()
         .any(|l| l.starts_with("inference_pool_ready_pods") && l.ends_with(" 1")));
 

@@ -5,6 +5,7 @@
 //! [`index`] is the pure part (objects in, endpoint specs and policy out); [`watch`] runs
 //! the kube-rs watchers that feed it and pushes the result into the datastore.
 
+pub mod auth;
 pub mod crd;
 pub mod index;
 pub mod lease;

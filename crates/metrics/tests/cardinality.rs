@@ -25,6 +25,9 @@ fn model_names_past_the_bound_are_counted_as_other() {
     assert!(text.contains(&format!("model_name=\"{OTHER_MODEL}\"")));
     // Names seen before the bound keep their label; new ones go to `other`.
     assert_eq!(m.model_labels("model-0", "served").model_name, "model-0");
-    assert_eq!(m.model_labels("model-99999", "served").model_name, OTHER_MODEL);
+    assert_eq!(
+        m.model_labels("model-99999", "served").model_name,
+        OTHER_MODEL
+    );
     assert_eq!(m.model_labels("", "served").model_name, "");
 }

@@ -7,6 +7,9 @@
 //! cache so the route is chosen again) goes to an `ORIGINAL_DST` cluster that connects to
 //! the address in that header. Any other request goes to a round-robin cluster of the pool's
 //! endpoints, which is what a gateway does when the picker is down and the filter fails open.
+//!
+//! Envoy reaches the picker over TLS without verifying its certificate by default, as GIE
+//! gateways do with the reference picker's self-signed certificate.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -55,6 +58,17 @@ impl BodyMode {
     }
 }
 
+/// How Envoy connects to the picker's gRPC port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ExtProcTls {
+    /// Plaintext HTTP/2, for a picker run with `--secure-serving=false`.
+    Off,
+    /// TLS without certificate verification: what gateways do by default.
+    Unverified,
+    /// TLS, verifying the picker's certificate chain against this PEM CA file.
+    TrustedCa(PathBuf),
+}
+
 /// What to put in the generated Envoy config. Build with [`EnvoyConfig::new`] and the
 /// chained setters; every setting has the GIE reference value as its default.
 #[derive(Clone, Debug)]
@@ -62,6 +76,7 @@ pub struct EnvoyConfig {
     ext_proc: Option<SocketAddr>,
     ext_proc_removed: bool,
     ext_proc_health_check: Option<Duration>,
+    ext_proc_tls: ExtProcTls,
     request_body_mode: BodyMode,
     response_body_mode: BodyMode,
     failure_mode_allow: bool,
@@ -82,7 +97,8 @@ impl Default for EnvoyConfig {
 }
 
 impl EnvoyConfig {
-    /// Defaults: no ext_proc filter until [`EnvoyConfig::ext_proc`] is called; both bodies
+    /// Defaults: no ext_proc filter until [`EnvoyConfig::ext_proc`] is called; the picker
+    /// reached over TLS without certificate verification; both bodies
     /// FULL_DUPLEX_STREAMED; fail closed; message timeout 1000 s; `envoy.lb` metadata
     /// forwarded; `upstream.address` asked for on the response path; empty pool; route
     /// timeout 60 s; listener on a port Envoy picks; one worker thread; log level info.
@@ -91,6 +107,7 @@ impl EnvoyConfig {
             ext_proc: None,
             ext_proc_removed: false,
             ext_proc_health_check: None,
+            ext_proc_tls: ExtProcTls::Unverified,
             request_body_mode: BodyMode::FullDuplexStreamed,
             response_body_mode: BodyMode::FullDuplexStreamed,
             failure_mode_allow: false,
@@ -108,6 +125,21 @@ impl EnvoyConfig {
     /// Adds the ext_proc filter, calling the picker's gRPC server at `addr` over HTTP/2.
     pub fn ext_proc(mut self, addr: SocketAddr) -> Self {
         self.ext_proc = Some(addr);
+        self
+    }
+
+    /// Talks to the picker in plaintext HTTP/2, for `infergate epp --secure-serving=false` or
+    /// any other picker that does not serve TLS. The default is TLS, as `infergate epp` and
+    /// the reference picker serve by default.
+    pub fn ext_proc_plaintext(mut self) -> Self {
+        self.ext_proc_tls = ExtProcTls::Off;
+        self
+    }
+
+    /// Talks to the picker over TLS and verifies its certificate chain against the PEM CA
+    /// certificate(s) in `ca_file` (the default is TLS without verification).
+    pub fn ext_proc_trusted_ca(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ext_proc_tls = ExtProcTls::TrustedCa(ca_file.into());
         self
     }
 
@@ -310,7 +342,7 @@ static_resources:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {{http2_protocol_options: {{}}}}
-{health}    load_assignment:
+{health}{tls}    load_assignment:
       cluster_name: ext_proc
       endpoints: [{{lb_endpoints: [{endpoint}]}}]
 "#,
@@ -322,6 +354,7 @@ static_resources:
                     ),
                     None => String::new(),
                 },
+                tls = self.ext_proc_tls_yaml(),
                 endpoint = if self.ext_proc_removed {
                     String::new()
                 } else {
@@ -352,6 +385,31 @@ static_resources:
             endpoints = endpoints.join(", "),
         );
         y
+    }
+
+    /// The ext_proc cluster's transport socket: none for plaintext, else an
+    /// UpstreamTlsContext offering h2 by ALPN, with or without a trusted CA.
+    fn ext_proc_tls_yaml(&self) -> String {
+        let validation = match &self.ext_proc_tls {
+            ExtProcTls::Off => return String::new(),
+            ExtProcTls::Unverified => String::new(),
+            // The SNI and the name checked: what `infergate epp`'s self-signed certificate
+            // (and the test certificates) carry.
+            ExtProcTls::TrustedCa(ca) => format!(
+                "\n          validation_context: {{trusted_ca: {{filename: {:?}}}, match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: localhost}}}}]}}",
+                ca.display().to_string()
+            ),
+        };
+        format!(
+            r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          alpn_protocols: [h2]{validation}
+"#
+        )
     }
 
     /// Checks the config with `envoy --mode validate`, returning Envoy's complaint on failure.

@@ -39,6 +39,12 @@ pub struct Script {
     unavailable: bool,
     /// Collection paths that answer 403 Forbidden (RBAC does not grant them).
     forbidden: std::collections::HashSet<String>,
+    /// Bearer tokens a TokenReview accepts, with the user each names.
+    tokens: HashMap<String, String>,
+    /// Users a SubjectAccessReview allows to `get /metrics`.
+    metrics_readers: std::collections::HashSet<String>,
+    /// TokenReviews and SubjectAccessReviews answered.
+    reviews: usize,
 }
 
 /// The fake API server's script; clone it to drive the server from a test.
@@ -108,6 +114,22 @@ impl FakeKubeApi {
         self.0.lock().unwrap().forbidden.insert(path.into());
     }
 
+    /// A bearer token that TokenReviews accept as `user`.
+    pub fn add_token(&self, token: &str, user: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.tokens.insert(token.into(), user.into());
+    }
+
+    /// Lets `user` `get /metrics` (a ClusterRole with that non-resource URL, bound).
+    pub fn allow_metrics(&self, user: &str) {
+        self.0.lock().unwrap().metrics_readers.insert(user.into());
+    }
+
+    /// How many TokenReviews and SubjectAccessReviews have been answered.
+    pub fn reviews(&self) -> usize {
+        self.0.lock().unwrap().reviews
+    }
+
     async fn respond(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
@@ -117,6 +139,37 @@ impl FakeKubeApi {
                 "ServiceUnavailable",
                 "the server is currently unable to handle the request",
             );
+        }
+        if parts.method == Method::POST && (path == TOKEN_REVIEWS || path == SUBJECT_ACCESS_REVIEWS)
+        {
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let mut review: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut s = self.0.lock().unwrap();
+            s.reviews += 1;
+            if path == TOKEN_REVIEWS {
+                let token = review["spec"]["token"].as_str().unwrap_or("");
+                review["status"] = match s.tokens.get(token) {
+                    Some(user) => json!({"authenticated": true,
+                        "user": {"username": user, "uid": "u-1", "groups": ["system:serviceaccounts"]}}),
+                    None => json!({"authenticated": false, "error": "invalid bearer token"}),
+                };
+            } else {
+                let user = review["spec"]["user"].as_str().unwrap_or("");
+                let attrs = &review["spec"]["nonResourceAttributes"];
+                let allowed = s.metrics_readers.contains(user)
+                    && attrs["path"] == "/metrics"
+                    && attrs["verb"] == "get";
+                review["status"] = if allowed {
+                    json!({"allowed": true})
+                } else {
+                    json!({"allowed": false, "reason": "no RBAC policy matched"})
+                };
+            }
+            return ok(201, &review);
         }
         if let Some((ns, name)) = lease_path(&path) {
             // A list or watch of Leases is answered from `set_list`, as for any collection.
@@ -324,6 +377,8 @@ pub fn kubeconfig(addr: SocketAddr, ns: &str) -> String {
 
 /// The namespace the helpers below put objects in.
 pub const NS: &str = "llm";
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+pub const SUBJECT_ACCESS_REVIEWS: &str = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
 /// Collection paths in [`NS`] of the kinds Kubernetes mode watches.
 pub const PODS: &str = "/api/v1/namespaces/llm/pods";
 pub const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools";

@@ -63,6 +63,11 @@ fn generated_config_loads_in_real_envoy_for_every_mode() {
             .ext_proc_removed()
             .failure_mode_allow(true),
     );
+    configs.push(
+        EnvoyConfig::new()
+            .ext_proc(mk_dead_picker())
+            .ext_proc_plaintext(),
+    );
     // Envoy takes a fraction of a second per validation; check them side by side.
     std::thread::scope(|s| {
         let handles: Vec<_> = configs
@@ -76,6 +81,29 @@ fn generated_config_loads_in_real_envoy_for_every_mode() {
             }
         }
     });
+}
+
+#[test]
+fn picker_is_reached_over_tls_unless_plaintext_is_asked() {
+    let tls = EnvoyConfig::new().ext_proc(mk_dead_picker()).to_yaml();
+    let plain = EnvoyConfig::new()
+        .ext_proc(mk_dead_picker())
+        .ext_proc_plaintext()
+        .to_yaml();
+    assert!(tls.contains("UpstreamTlsContext"), "{tls}");
+    assert!(
+        !tls.contains("validation_context"),
+        "gateways skip verification by default:\n{tls}"
+    );
+    assert!(!plain.contains("UpstreamTlsContext"), "{plain}");
+    let verified = EnvoyConfig::new()
+        .ext_proc(mk_dead_picker())
+        .ext_proc_trusted_ca("/tmp/ca.crt")
+        .to_yaml();
+    assert!(
+        verified.contains("trusted_ca: {filename: \"/tmp/ca.crt\"}"),
+        "{verified}"
+    );
 }
 
 #[test]

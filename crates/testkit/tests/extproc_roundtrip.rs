@@ -240,9 +240,14 @@ async fn picked_endpoint_serves_and_metadata_returns_on_response_path() {
     let fallback = FakeModelServer::start("fallback").await.unwrap();
     let picked = FakeModelServer::start("picked").await.unwrap();
     let (picker, seen) = mk_picker(picked.addr()).await;
-    let envoy = Envoy::start(EnvoyConfig::new().ext_proc(picker).pool([fallback.addr()]))
-        .await
-        .unwrap();
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .ext_proc(picker)
+            .ext_proc_plaintext()
+            .pool([fallback.addr()]),
+    )
+    .await
+    .unwrap();
 
     let body = r#"{"model":"m","prompt":"hi"}"#;
     let (status, headers, reply) = post_json(&envoy.url(), "/v1/completions", &[], body)
@@ -279,6 +284,7 @@ async fn twenty_megabyte_body_round_trips_in_full_duplex_mode() {
     let envoy = Envoy::start(
         EnvoyConfig::new()
             .ext_proc(picker)
+            .ext_proc_plaintext()
             .request_body_mode(BodyMode::FullDuplexStreamed),
     )
     .await
@@ -302,7 +308,7 @@ async fn twenty_megabyte_body_round_trips_in_full_duplex_mode() {
 async fn streamed_answer_passes_through_picker_in_chunks() {
     let picked = FakeModelServer::start("picked").await.unwrap();
     let (picker, _) = mk_picker(picked.addr()).await;
-    let envoy = Envoy::start(EnvoyConfig::new().ext_proc(picker))
+    let envoy = Envoy::start(EnvoyConfig::new().ext_proc(picker).ext_proc_plaintext())
         .await
         .unwrap();
 

@@ -81,6 +81,31 @@ impl Epp {
         String::from_utf8_lossy(&body).into_owned()
     }
 
+    /// `GET /metrics` with an optional bearer token: the status and the body.
+    pub async fn metrics_with_token(&self, token: Option<&str>) -> (u16, String) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        let resp = infergate_testkit::HttpClient::new()
+            .send(
+                hyper::Method::GET,
+                &format!("http://{}", self.metrics),
+                "/metrics",
+                &headers,
+                bytes::Bytes::new(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// The picker's gRPC `readiness` health status; `None` while it cannot be asked.
     pub async fn readiness(
         &self,
@@ -179,6 +204,12 @@ pub struct RigOptions {
     /// port, plus the pool file's InferenceObjectives and InferenceModelRewrites) instead
     /// of a file or flags.
     pub kubernetes: bool,
+    /// The picker serves ext_proc over TLS (its default) and Envoy connects with TLS;
+    /// `false` runs it with `--secure-serving=false` behind a plaintext Envoy cluster.
+    pub secure_serving: bool,
+    /// Envoy verifies the picker's certificate against this PEM CA file (by default it
+    /// does not verify, as gateways do not).
+    pub envoy_trusted_ca: Option<PathBuf>,
 }
 
 impl Default for RigOptions {
@@ -192,6 +223,8 @@ impl Default for RigOptions {
             envoy_health_check: false,
             extra_args: vec![],
             kubernetes: false,
+            secure_serving: true,
+            envoy_trusted_ca: None,
         }
     }
 }
@@ -216,6 +249,9 @@ impl Rig {
         ));
         std::fs::create_dir_all(&tmp).unwrap();
         let mut args = opts.extra_args.clone();
+        if !opts.secure_serving {
+            args.push("--secure-serving=false".into());
+        }
         let mut pool_path = None;
         if let Some(cfg) = &opts.config_yaml {
             let p = tmp.join("epp-config.yaml");
@@ -262,9 +298,15 @@ impl Rig {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        let mut envoy_cfg = EnvoyConfig::new().ext_proc(epp.grpc);
+        if !opts.secure_serving {
+            envoy_cfg = envoy_cfg.ext_proc_plaintext();
+        }
+        if let Some(ca) = &opts.envoy_trusted_ca {
+            envoy_cfg = envoy_cfg.ext_proc_trusted_ca(ca);
+        }
         let envoy = Envoy::start(
-            EnvoyConfig::new()
-                .ext_proc(epp.grpc)
+            envoy_cfg
                 .request_body_mode(opts.request_body_mode)
                 .failure_mode_allow(opts.failure_mode_allow)
                 .ext_proc_health_check(
@@ -443,6 +485,8 @@ impl Drop for Sim {
 pub struct Serve {
     pub child: Child,
     pub addr: SocketAddr,
+    /// `http`, or `https` when started with a certificate.
+    pub scheme: String,
     /// Everything it printed to stdout before announcing its address.
     pub banner: Vec<String>,
     pub log: PathBuf,
@@ -487,8 +531,10 @@ impl Serve {
                 }
             };
             banner.push(line.clone());
-            if let Some(rest) = line.strip_prefix("infergate serve: listening on http://") {
+            if let Some(url) = line.strip_prefix("infergate serve: listening on ") {
+                let (scheme, rest) = url.split_once("://").expect("a URL");
                 let addr = rest.trim().parse().expect("address");
+                let scheme = scheme.to_owned();
                 // Keep draining stdout so the child never blocks on a full pipe.
                 std::thread::spawn(move || {
                     while let Ok(l) = rx.recv() {
@@ -499,6 +545,7 @@ impl Serve {
                 return Serve {
                     child,
                     addr,
+                    scheme,
                     banner,
                     log,
                 };
@@ -507,7 +554,7 @@ impl Serve {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn log_text(&self) -> String {
