@@ -160,6 +160,27 @@ pub fn scheduler_config(
     Ok((cfg, sched))
 }
 
+/// The metrics path the config's `metrics-data-source` names (`/metrics` without one).
+/// `scheme: https` is refused rather than quietly scraped over plain HTTP: scraping over
+/// TLS is not built yet.
+pub fn metrics_path(cfg: &EndpointPickerConfig) -> anyhow::Result<String> {
+    let mut path = "/metrics".to_string();
+    for p in &cfg.plugins {
+        if let PluginKind::MetricsDataSource(params) = &p.kind {
+            if params.scheme == infergate_api::config::Scheme::Https {
+                anyhow::bail!(
+                    "plugin {:?} (metrics-data-source) asks for scheme: https; infergate scrapes \
+                     model servers over plain HTTP only for now; set scheme: http (the default) \
+                     or serve /metrics over HTTP",
+                    p.name
+                );
+            }
+            path = params.path.clone();
+        }
+    }
+    Ok(path)
+}
+
 /// The running brain: pool sources, scrape loop and director, with their metrics.
 pub struct Brain {
     pub datastore: Datastore,
@@ -299,7 +320,7 @@ impl Brain {
             ScrapeConfig {
                 interval: args.refresh_metrics_interval,
                 timeout: args.metrics_timeout,
-                ..Default::default()
+                path: metrics_path(&cfg)?,
             },
             clock.clone(),
             ScrapeStats::new(),

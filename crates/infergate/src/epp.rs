@@ -78,7 +78,8 @@ pub fn check(config: Option<&Path>, pool: Option<&Path>) -> anyhow::Result<()> {
         anyhow::bail!("nothing to check: pass --config-file and/or --pool-file");
     }
     if let Some(p) = config {
-        let (_, s) = scheduler_config(Some(p), "infergate", Duration::from_secs(2))?;
+        let (cfg, s) = scheduler_config(Some(p), "infergate", Duration::from_secs(2))?;
+        crate::brain::metrics_path(&cfg).with_context(|| p.display().to_string())?;
         let scorers: Vec<String> = s
             .profile
             .scorers
