@@ -192,7 +192,10 @@ async fn proxy(
         };
         match gw.attempt(addr, &parts, send, request_id).await {
             Ok(c) => {
-                gw.breakers.on_success(addr);
+                // Success is recorded when the body ends cleanly (see `Relay`), not at the
+                // response head: a replica that starts every answer and then breaks it off
+                // would otherwise reset its failure count on each request, never be ejected,
+                // and, finishing fast, draw ever more traffic.
                 return gw.commit(c, addr, Some(ledger), Some(decision));
             }
             Err(f) => {

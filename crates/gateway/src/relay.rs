@@ -330,6 +330,9 @@ impl Relay {
             return;
         }
         self.ended = Some(how);
+        if how == End::Complete && (200..400).contains(&self.status) {
+            self.gw.breakers.on_success(self.endpoint);
+        }
         self.upstream = None;
         self.idle_sleep = None;
         self.inflight = None;

@@ -667,3 +667,54 @@ async fn streamed_first_tokens_teach_the_picker_each_endpoints_speed() {
     assert!(line.at(50.0) > 0.0 && line.at(50.0) < 0.5, "{line:?}");
     assert_eq!((v.prefill_requests, v.prefill_tokens), (0, 0));
 }
+
+/// A replica that starts every stream and then breaks it off is ejected like one that
+/// fails outright: its response heads must not count as successes that reset its
+/// failures (found by the fault matrix: such a replica ended up with most of the traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_breaks_every_stream_after_its_head_is_ejected() {
+    let breaking = mk_sim(
+        20.0,
+        Faults {
+            drop_after_tokens: Some(2),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let good = mk_sim(20.0, Faults::default()).await;
+    let gw = mk_gateway(
+        &[breaking.local_addr(), good.local_addr()],
+        GatewayConfig {
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(60),
+            ..cfg()
+        },
+    )
+    .await;
+    let mut cut = 0;
+    for i in 0..40 {
+        let (status, _, body) = post_json_stream(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[],
+            chat(&format!("question {i}"), 8, true),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&body.concat().await.unwrap()).into_owned();
+        if text.contains("broke off") {
+            cut += 1;
+        }
+    }
+    let page = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_sum(&page, "infergate_gateway_ejections_total"),
+        1.0,
+        "the breaking replica must be ejected ({cut} streams cut)\n{page}"
+    );
+    assert!(
+        cut <= 3,
+        "after the ejection no more streams are cut, got {cut}"
+    );
+}
