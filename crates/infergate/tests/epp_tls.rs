@@ -116,13 +116,7 @@ async fn mk_tls_handshake(
             .with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = tls_connect(addr, config).await?;
     let conn = tls.get_ref().1;
     let leaf = conn.peer_certificates().ok_or("no certificate")?[0].clone();
     Ok((leaf, conn.alpn_protocol().map(<[u8]>::to_vec)))
