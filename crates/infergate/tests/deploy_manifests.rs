@@ -676,17 +676,8 @@ fn check_picker(r: &Render, d: &Deployment, c: &Container, errors: &mut Vec<Stri
     }
     let mut granted = BTreeSet::new();
     for role in &bound_roles {
-        for rule in role.rules.iter().flatten() {
-            if rule.resource_names.is_some() || rule.non_resource_urls.is_some() {
-                fail("Role rules must not use resourceNames or nonResourceURLs".into());
-            }
-            for g in rule.api_groups.iter().flatten() {
-                for res in rule.resources.iter().flatten() {
-                    for v in &rule.verbs {
-                        granted.insert((g.clone(), res.clone(), v.clone()));
-                    }
-                }
-            }
+        if !add_grants(role.rules.iter().flatten(), &mut granted) {
+            fail("Role rules must not use resourceNames or nonResourceURLs".into());
         }
     }
     let want = expected_grants();
@@ -725,19 +716,8 @@ fn check_picker(r: &Render, d: &Deployment, c: &Container, errors: &mut Vec<Stri
             ));
             continue;
         };
-        for rule in role.rules.iter().flatten() {
-            if rule.resource_names.is_some() || rule.non_resource_urls.is_some() {
-                fail(
-                    "the picker's ClusterRole must not use resourceNames or nonResourceURLs".into(),
-                );
-            }
-            for g in rule.api_groups.iter().flatten() {
-                for res in rule.resources.iter().flatten() {
-                    for v in &rule.verbs {
-                        cluster_granted.insert((g.clone(), res.clone(), v.clone()));
-                    }
-                }
-            }
+        if !add_grants(role.rules.iter().flatten(), &mut cluster_granted) {
+            fail("the picker's ClusterRole must not use resourceNames or nonResourceURLs".into());
         }
     }
     let want: BTreeSet<(String, String, String)> = [
@@ -766,6 +746,26 @@ fn check_picker(r: &Render, d: &Deployment, c: &Container, errors: &mut Vec<Stri
             fail("ClusterRole infergate-metrics-reader must grant only get on /metrics".into());
         }
     }
+}
+
+/// Adds the (apiGroup, resource, verb) triples `rules` grant to `granted`; `false` when a
+/// rule uses resourceNames or nonResourceURLs, which the picker's roles must not.
+fn add_grants<'a>(
+    rules: impl Iterator<Item = &'a k8s_openapi::api::rbac::v1::PolicyRule>,
+    granted: &mut BTreeSet<(String, String, String)>,
+) -> bool {
+    let mut plain = true;
+    for rule in rules {
+        plain &= rule.resource_names.is_none() && rule.non_resource_urls.is_none();
+        for g in rule.api_groups.iter().flatten() {
+            for res in rule.resources.iter().flatten() {
+                for v in &rule.verbs {
+                    granted.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    plain
 }
 
 /// (apiGroup, resource, verb) the picker needs, and nothing else.
