@@ -2,14 +2,13 @@
 //! SubjectAccessReview for `get /metrics`). The API server is the scripted one of
 //! `infergate_testkit::kube_api`: no real API server can run here.
 
+mod common;
+use common::mk_client;
+
 use std::time::Duration;
 
 use infergate_k8s::auth::{TokenReviewer, Verdict};
 use infergate_testkit::kube_api::{serve, FakeKubeApi};
-
-fn mk_client(addr: std::net::SocketAddr) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_authenticated_then_authorised_for_get_metrics_and_cached() {

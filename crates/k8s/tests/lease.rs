@@ -7,6 +7,9 @@
 //! bounded in time. The lease is a whole second because the Lease records it in seconds
 //! and the elector honours the longer of its own and the holder's duration.
 
+mod common;
+use common::mk_client;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -31,10 +34,6 @@ fn mk_config(identity: &str) -> LeaseConfig {
         retry_period: RETRY,
         ..LeaseConfig::new(NS, LEASE, identity)
     }
-}
-
-fn mk_client(addr: std::net::SocketAddr) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
 }
 
 /// One replica's elector: its leader flag, its shutdown trigger and its task.

@@ -4,6 +4,9 @@
 //! watch events, a `410 Gone` relist, a dropped watch connection, a CRD that is not
 //! installed, and the API server going away.
 
+mod common;
+use common::mk_client;
+
 use std::time::Duration;
 
 use infergate_core::Datastore;
@@ -12,11 +15,6 @@ use infergate_testkit::kube_api::{
     REWRITES,
 };
 use serde_json::json;
-
-/// A kube-rs client for the scripted API server at `addr`.
-fn mk_client(addr: std::net::SocketAddr) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
-}
 
 fn addrs(ds: &Datastore) -> Vec<String> {
     let mut v: Vec<String> = ds
