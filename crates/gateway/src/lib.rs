@@ -77,6 +77,14 @@ pub struct GatewayConfig {
     /// its first byte can still be retried, its first body chunk) within this long of the
     /// attempt's start (default 300 s: a non-streamed completion answers only when done).
     pub first_byte_timeout: Duration,
+    /// For a streamed request (`"stream": true`), the model server must send its response
+    /// head within this long of the attempt's start (default 5 s; zero turns it off). vLLM
+    /// sends a stream's head before generating, so a replica silent this long is taken as
+    /// hung and the request, with nothing sent to the client yet, is tried elsewhere. The
+    /// first body chunk (the first token, after any queueing) is still bounded only by
+    /// `first_byte_timeout`. Keep it below `retry_deadline`, else a timed-out request is
+    /// answered 504 rather than retried.
+    pub stream_first_byte_timeout: Duration,
     /// A stream with no bytes from the model server for this long is ended (default 60 s;
     /// zero turns it off).
     pub idle_stream_timeout: Duration,
@@ -115,6 +123,7 @@ impl Default for GatewayConfig {
             body_read_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             first_byte_timeout: Duration::from_secs(300),
+            stream_first_byte_timeout: Duration::from_secs(5),
             idle_stream_timeout: Duration::from_secs(60),
             max_attempts: 3,
             retry_backoff: Duration::from_millis(20),

@@ -190,7 +190,10 @@ async fn proxy(
             Some(b) => Bytes::from(b),
             None => body.clone(),
         };
-        match gw.attempt(addr, &parts, send, request_id).await {
+        match gw
+            .attempt(addr, &parts, send, request_id, decision.stream)
+            .await
+        {
             Ok(c) => {
                 // Success is recorded when the body ends cleanly (see `Relay`), not at the
                 // response head: a replica that starts every answer and then breaks it off
@@ -411,17 +414,37 @@ impl Gateway {
     }
 
     /// One attempt at `addr`: the response head and first body chunk within
-    /// `first_byte_timeout`.
+    /// `first_byte_timeout`; for a streamed request, the head within the shorter
+    /// `stream_first_byte_timeout` too.
     async fn attempt(
         &self,
         addr: SocketAddr,
         parts: &request::Parts,
         body: Bytes,
         request_id: &HeaderValue,
+        stream: bool,
     ) -> Result<Committed, Failure> {
         let req = self.upstream_request(addr, parts, body, request_id)?;
+        let head_limit = self.cfg.stream_first_byte_timeout;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let pending = self.client.request(req);
+            let resp = if stream && !head_limit.is_zero() {
+                // vLLM sends a stream's head before generating: silence means a hung replica.
+                tokio::time::timeout(head_limit, pending)
+                    .await
+                    .map_err(|_| Failure {
+                        reason: Reason::Timeout,
+                        detail: format!(
+                            "sent no response head to a streamed request within {} \
+                             (--stream-first-byte-timeout)",
+                            fmt_duration(head_limit)
+                        ),
+                        response: None,
+                    })?
+            } else {
+                pending.await
+            };
+            let resp = resp.map_err(|e| {
                 let reason = if e.is_connect() {
                     Reason::Connect
                 } else {

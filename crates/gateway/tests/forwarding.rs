@@ -718,3 +718,140 @@ async fn a_replica_that_breaks_every_stream_after_its_head_is_ejected() {
         "after the ejection no more streams are cut, got {cut}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_costs_a_streamed_request_only_the_short_head_limit() {
+    let hung = mk_sim(
+        20.0,
+        Faults {
+            hang: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let good = mk_sim(20.0, Faults::default()).await;
+    let limit = Duration::from_millis(300);
+    let gw = mk_gateway(
+        &[hung.local_addr(), good.local_addr()],
+        GatewayConfig {
+            stream_first_byte_timeout: limit,
+            // High, so that the hung replica stays in the pool and keeps being tried.
+            breaker_failures: 100,
+            ..cfg()
+        },
+    )
+    .await;
+    let timeouts = |page: &str| {
+        metric_sum(
+            page,
+            "infergate_gateway_upstream_failures_total{reason=\"timeout\"}",
+        )
+    };
+    let mut i = 0;
+    while timeouts(&gateway_metrics(&gw).await) < 1.0 {
+        assert!(i < 30, "the hung replica was never picked");
+        let started = Instant::now();
+        let (status, _, body) = post_json_stream(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[],
+            chat(&format!("question {i}"), 2, true),
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&body.concat().await.unwrap()).into_owned();
+        let took = started.elapsed();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        // The first-byte limit (300 s) never comes into it: at most the head limit, then
+        // the healthy replica's answer.
+        assert!(took < limit + Duration::from_millis(1500), "took {took:?}");
+        i += 1;
+    }
+    let page = gateway_metrics(&gw).await;
+    assert!(
+        metric_sum(&page, "infergate_gateway_retries_total") >= 1.0,
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_request_to_only_a_hung_replica_gets_504_naming_the_stream_limit() {
+    let hung = mk_sim(
+        20.0,
+        Faults {
+            hang: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let gw = mk_gateway(
+        &[hung.local_addr()],
+        GatewayConfig {
+            stream_first_byte_timeout: Duration::from_millis(300),
+            first_byte_timeout: Duration::from_millis(1200),
+            ..cfg()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let (status, _, body) = post_json(&gw.url(), "/v1/chat/completions", &[], chat("hi", 5, true))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1200),
+        "took {took:?}"
+    );
+    let e = error_of(&body);
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("300ms") && msg.contains("--stream-first-byte-timeout"),
+        "{msg}"
+    );
+    assert!(msg.contains(&hung.local_addr().to_string()), "{msg}");
+    assert_eq!(e["type"], "upstream_timeout");
+
+    // A request that is not streamed is not held to the short limit.
+    let started = Instant::now();
+    let (status, _, body) = post_json(&gw.url(), "/v1/chat/completions", &[], chat("hi", 5, false))
+        .await
+        .unwrap();
+    assert_eq!(status, 504);
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    let msg = error_of(&body)["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("--first-byte-timeout") && !msg.contains("--stream-first-byte-timeout"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_head_limit_does_not_cover_a_first_token_that_waits_in_a_queue() {
+    // The head at once, the first token later than the head limit (a queued request).
+    let (up, _t) = mk_upstream(|_req| async {
+        let mut r = full(200, "text/event-stream", b"");
+        *r.body_mut() = timed_body(vec![
+            (Duration::from_millis(600), b"data: {\"n\":1}\n\n"),
+            (Duration::ZERO, b"data: [DONE]\n\n"),
+        ]);
+        r
+    })
+    .await;
+    let gw = mk_gateway(
+        &[up],
+        GatewayConfig {
+            stream_first_byte_timeout: Duration::from_millis(200),
+            ..cfg()
+        },
+    )
+    .await;
+    let (status, _, body) =
+        post_json_stream(&gw.url(), "/v1/chat/completions", &[], chat("x", 2, true))
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body.concat().await.unwrap()).into_owned();
+    assert_eq!(text, "data: {\"n\":1}\n\ndata: [DONE]\n\n");
+}

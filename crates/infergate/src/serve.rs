@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// completion answers only when it is complete, so keep this above your longest one.
     #[arg(long, default_value = "300s", value_parser = duration)]
     pub first_byte_timeout: Duration,
+    /// A model server must send the response head of a streamed request within this long
+    /// (vLLM sends it before generating); else the request is tried on another replica, or
+    /// answered 504. Keep it below --retry-deadline so that it can be retried. 0 turns it off.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub stream_first_byte_timeout: Duration,
     /// A stream that goes this long without a byte from the model server is ended.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub idle_stream_timeout: Duration,
@@ -174,6 +179,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_read_timeout: args.body_read_timeout,
         connect_timeout: args.connect_timeout,
         first_byte_timeout: args.first_byte_timeout,
+        stream_first_byte_timeout: args.stream_first_byte_timeout,
         idle_stream_timeout: args.idle_stream_timeout,
         max_attempts: args.max_attempts.max(1),
         retry_backoff: args.retry_backoff,
