@@ -12,10 +12,13 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
-use infergate_api::config::{parse_go_duration, EndpointPickerConfig, PluginKind};
+use infergate_api::config::{
+    parse_go_duration, EndpointPickerConfig, MetricsDataSourceParams, PluginKind, Scheme,
+};
 use infergate_core::{build, Datastore, Director, EndpointSpec, Engine, SchedulerConfig};
 use infergate_metrics::Metrics;
 use infergate_scrape::scraper::{run_with_stats, ScrapeConfig, ScrapeStats};
+use infergate_scrape::{ScrapeTls, Transport, Trust};
 
 use crate::pool_source;
 
@@ -39,6 +42,23 @@ pub struct PoolArgs {
     /// Timeout of one scrape.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub metrics_timeout: Duration,
+    /// Scheme of the model servers' /metrics: `http` or `https`. `https` here or `scheme:
+    /// https` in the config's metrics-data-source scrapes over TLS, never falling back to
+    /// plain HTTP.
+    #[arg(long, value_parser = ["http", "https"])]
+    pub model_server_metrics_scheme: Option<String>,
+    /// With https: do not verify the model servers' certificates (encrypted, but not
+    /// authenticated; warned about at start). When not given, the config's
+    /// metrics-data-source `insecureSkipVerify` decides (true by default, as in the
+    /// reference picker); `=false` verifies against the platform trust store. Never with
+    /// --model-server-metrics-ca-file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub model_server_metrics_https_insecure_skip_verify: Option<bool>,
+    /// With https: PEM bundle of the CA certificates that sign the model servers'
+    /// certificates, used as the only trust roots (verification is then on). Servers are
+    /// scraped by IP address, so each certificate must carry its Pod's IP as an IP SAN.
+    #[arg(long, value_name = "PATH")]
+    pub model_server_metrics_ca_file: Option<PathBuf>,
     /// EndpointPickerConfig YAML; the built-in `--profile` when absent.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -160,25 +180,67 @@ pub fn scheduler_config(
     Ok((cfg, sched))
 }
 
+/// The parameters of the config's `metrics-data-source` (the last one, if several), or
+/// their defaults without one.
+pub fn metrics_data_source(cfg: &EndpointPickerConfig) -> MetricsDataSourceParams {
+    cfg.plugins
+        .iter()
+        .filter_map(|p| match &p.kind {
+            PluginKind::MetricsDataSource(params) => Some(params.clone()),
+            _ => None,
+        })
+        .next_back()
+        .unwrap_or_default()
+}
+
 /// The metrics path the config's `metrics-data-source` names (`/metrics` without one).
-/// `scheme: https` is refused rather than quietly scraped over plain HTTP: scraping over
-/// TLS is not built yet.
 pub fn metrics_path(cfg: &EndpointPickerConfig) -> anyhow::Result<String> {
-    let mut path = "/metrics".to_string();
-    for p in &cfg.plugins {
-        if let PluginKind::MetricsDataSource(params) = &p.kind {
-            if params.scheme == infergate_api::config::Scheme::Https {
-                anyhow::bail!(
-                    "plugin {:?} (metrics-data-source) asks for scheme: https; infergate scrapes \
-                     model servers over plain HTTP only for now; set scheme: http (the default) \
-                     or serve /metrics over HTTP",
-                    p.name
-                );
-            }
-            path = params.path.clone();
+    Ok(metrics_data_source(cfg).path)
+}
+
+/// How model servers are scraped, from the flags and the config's `metrics-data-source`:
+/// over https when either asks for it; then trusting the CA bundle when one is given, else
+/// skipping verification when the flag (or, without it, the config) says so, else
+/// verifying against the platform trust store. Errors stop the start and name the flag.
+pub fn scrape_transport(
+    args: &PoolArgs,
+    source: &MetricsDataSourceParams,
+) -> anyhow::Result<Transport> {
+    let https = source.scheme == Scheme::Https
+        || args.model_server_metrics_scheme.as_deref() == Some("https");
+    let ca_file = args.model_server_metrics_ca_file.as_ref();
+    if !https {
+        if let Some(path) = ca_file {
+            anyhow::bail!(
+                "--model-server-metrics-ca-file {} is given, but model servers are scraped over \
+                 plain HTTP; add --model-server-metrics-scheme=https (or scheme: https in the \
+                 config's metrics-data-source), or drop the CA file",
+                path.display()
+            );
         }
+        return Ok(Transport::Http);
     }
-    Ok(path)
+    let skip_verify = args.model_server_metrics_https_insecure_skip_verify;
+    let trust = match ca_file {
+        Some(path) if skip_verify == Some(true) => anyhow::bail!(
+            "--model-server-metrics-ca-file {} and --model-server-metrics-https-insecure-skip-verify \
+             contradict each other (the CA file is for verifying); drop one",
+            path.display()
+        ),
+        Some(path) => Trust::CaFile(path.clone()),
+        None if skip_verify.unwrap_or(source.insecure_skip_verify) => Trust::InsecureSkipVerify,
+        None => Trust::PlatformRoots,
+    };
+    let tls = ScrapeTls::new(trust.clone()).map_err(|e| match trust {
+        Trust::PlatformRoots => anyhow::anyhow!(
+            "scraping model servers over https with verification: {e}; give \
+             --model-server-metrics-ca-file PATH (a PEM bundle of the CAs that sign the model \
+             servers' certificates), or --model-server-metrics-https-insecure-skip-verify to \
+             scrape without verifying"
+        ),
+        _ => anyhow::anyhow!("--model-server-metrics-ca-file: {e}"),
+    })?;
+    Ok(Transport::Https(tls))
 }
 
 /// The running brain: pool sources, scrape loop and director, with their metrics.
@@ -315,13 +377,16 @@ impl Brain {
         let director =
             Arc::new(Director::new(ds.clone(), sched).with_plugin_timing(clock.clone(), observer));
 
+        let source = metrics_data_source(&cfg);
+        let scrape = ScrapeConfig {
+            interval: args.refresh_metrics_interval,
+            timeout: args.metrics_timeout,
+            transport: scrape_transport(args, &source)?,
+            path: source.path,
+        };
         tokio::spawn(run_with_stats(
             ds.clone(),
-            ScrapeConfig {
-                interval: args.refresh_metrics_interval,
-                timeout: args.metrics_timeout,
-                path: metrics_path(&cfg)?,
-            },
+            scrape,
             clock.clone(),
             ScrapeStats::new(),
         ));
@@ -502,5 +567,120 @@ pub async fn serve_metrics(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod scrape_tests {
+    //! The scrape flags and the config's metrics-data-source, together.
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        pool: PoolArgs,
+    }
+
+    fn mk_args(flags: &[&str]) -> PoolArgs {
+        Cli::try_parse_from(std::iter::once("infergate").chain(flags.iter().copied()))
+            .unwrap()
+            .pool
+    }
+
+    fn mk_source(params: &str) -> MetricsDataSourceParams {
+        let yaml = format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+             plugins:\n- type: metrics-data-source\n  parameters:\n{params}"
+        );
+        metrics_data_source(&EndpointPickerConfig::from_yaml_str(&yaml, "test.yaml").unwrap())
+    }
+
+    fn mk_ca_file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infergate-brain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        path
+    }
+
+    fn trust(t: &Transport) -> Option<&Trust> {
+        match t {
+            Transport::Http => None,
+            Transport::Https(tls) => Some(tls.trust()),
+        }
+    }
+
+    #[test]
+    fn https_data_source_is_scraped_over_tls_skipping_verification_by_default() {
+        let source = mk_source("    scheme: https\n    path: /secure/metrics\n");
+        assert_eq!(
+            (source.scheme, source.path.as_str()),
+            (Scheme::Https, "/secure/metrics")
+        );
+        let t = scrape_transport(&mk_args(&[]), &source).unwrap();
+        assert_eq!(trust(&t), Some(&Trust::InsecureSkipVerify));
+
+        let verify = mk_source("    scheme: https\n    insecureSkipVerify: false\n");
+        let ca = mk_ca_file("ca.pem");
+        let flags = ["--model-server-metrics-ca-file", ca.to_str().unwrap()];
+        let t = scrape_transport(&mk_args(&flags), &verify).unwrap();
+        assert_eq!(trust(&t), Some(&Trust::CaFile(ca)));
+    }
+
+    #[test]
+    fn reference_flags_turn_https_on_and_a_ca_file_turns_verification_on() {
+        let none = metrics_data_source(&EndpointPickerConfig::default_config());
+        assert_eq!(none.scheme, Scheme::Http);
+        assert!(trust(&scrape_transport(&mk_args(&[]), &none).unwrap()).is_none());
+
+        let args = mk_args(&[
+            "--model-server-metrics-scheme",
+            "https",
+            "--model-server-metrics-https-insecure-skip-verify",
+        ]);
+        let t = scrape_transport(&args, &none).unwrap();
+        assert_eq!(trust(&t), Some(&Trust::InsecureSkipVerify));
+
+        let ca = mk_ca_file("ca-flag.pem");
+        let args = mk_args(&[
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-ca-file",
+            ca.to_str().unwrap(),
+        ]);
+        let t = scrape_transport(&args, &none).unwrap();
+        assert_eq!(trust(&t), Some(&Trust::CaFile(ca.clone())));
+
+        let args = mk_args(&[
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-https-insecure-skip-verify",
+            "--model-server-metrics-ca-file",
+            ca.to_str().unwrap(),
+        ]);
+        let err = scrape_transport(&args, &none).unwrap_err().to_string();
+        assert!(err.contains("contradict"), "{err}");
+    }
+
+    #[test]
+    fn unusable_or_unused_ca_file_stops_the_start_naming_it() {
+        let https = mk_source("    scheme: https\n");
+        let args = mk_args(&["--model-server-metrics-ca-file", "/nonexistent/ca.pem"]);
+        let err = format!("{:#}", scrape_transport(&args, &https).unwrap_err());
+        assert!(
+            err.contains("/nonexistent/ca.pem") && err.contains("--model-server-metrics-ca-file"),
+            "{err}"
+        );
+
+        let ca = mk_ca_file("unused.pem");
+        let args = mk_args(&["--model-server-metrics-ca-file", ca.to_str().unwrap()]);
+        let none = metrics_data_source(&EndpointPickerConfig::default_config());
+        let err = scrape_transport(&args, &none).unwrap_err().to_string();
+        assert!(
+            err.contains("plain HTTP") && err.contains("scheme"),
+            "{err}"
+        );
     }
 }

@@ -8,7 +8,7 @@
 //! scrape; [`ScrapeStats`] counts every outcome for the binary to export.
 //!
 //! This module owns the HTTP client and the tasks; parsing and engine mappings live in
-//! [`crate::text`] and [`crate::engines`].
+//! [`crate::text`] and [`crate::engines`], the TLS setup for `https` in [`crate::tls`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,8 +20,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, USER_AGENT};
 use hyper::{Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
 use infergate_core::{Datastore, Endpoint, EndpointMetrics, Engine};
 use parking_lot::Mutex;
@@ -30,12 +31,13 @@ use tokio::time::{interval, timeout, MissedTickBehavior};
 
 use crate::engines::{self, ExtractError};
 use crate::text::{self, ParseError, MAX_PAGE_BYTES};
+use crate::tls::{Transport, Trust};
 
 /// The clock scrape times are read from; the same clock the scheduler judges staleness by.
 pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
 
 /// How often, how patiently and where to scrape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ScrapeConfig {
     /// Time between the starts of two scrapes of one endpoint (GIE default 50 ms).
     pub interval: Duration,
@@ -43,6 +45,8 @@ pub struct ScrapeConfig {
     pub timeout: Duration,
     /// HTTP path of the metrics page.
     pub path: String,
+    /// Plain HTTP, or HTTPS and whom to trust.
+    pub transport: Transport,
 }
 
 impl Default for ScrapeConfig {
@@ -51,6 +55,7 @@ impl Default for ScrapeConfig {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
             path: "/metrics".to_string(),
+            transport: Transport::Http,
         }
     }
 }
@@ -62,6 +67,8 @@ pub enum ScrapeError {
     BadUrl { addr: SocketAddr, path: String },
     #[error("request failed: {0}")]
     Request(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("no complete answer within {0:?}")]
     Timeout(Duration),
     #[error("HTTP status {0} (expected 200)")]
@@ -239,7 +246,21 @@ impl EndpointStats {
     }
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+/// The scrape client: plain HTTP, or HTTPS only (never falling back to plain HTTP).
+#[derive(Clone)]
+enum HttpClient {
+    Http(Client<HttpConnector, Empty<Bytes>>),
+    Https(Client<HttpsConnector<HttpConnector>, Empty<Bytes>>),
+}
+
+impl HttpClient {
+    fn request(&self, request: Request<Empty<Bytes>>) -> ResponseFuture {
+        match self {
+            HttpClient::Http(c) => c.request(request),
+            HttpClient::Https(c) => c.request(request),
+        }
+    }
+}
 
 /// Scrape every endpoint of `datastore` until the returned future is dropped, with fresh
 /// counters. See [`run_with_stats`] to read the counters.
@@ -267,6 +288,17 @@ pub async fn run_with_stats(
         interval: config.interval.max(Duration::from_millis(1)),
         ..config
     });
+    match &config.transport {
+        Transport::Http => {}
+        Transport::Https(tls) if *tls.trust() == Trust::InsecureSkipVerify => tracing::warn!(
+            "scraping model servers over https WITHOUT certificate verification: the traffic is \
+             encrypted but anyone on the path can serve fake metrics; give a CA bundle to verify"
+        ),
+        Transport::Https(tls) => tracing::info!(
+            trust = %tls.trust(),
+            "scraping model servers over https, verifying their certificates against their IP address"
+        ),
+    }
     let client = new_client(&config);
     let mut tasks = Tasks {
         running: HashMap::new(),
@@ -335,16 +367,31 @@ fn new_client(config: &ScrapeConfig) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.timeout));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        // One kept-alive connection per endpoint is all a sequential scraper uses.
+    let mut builder = Client::builder(TokioExecutor::new());
+    // One kept-alive connection per endpoint is all a sequential scraper uses; over TLS it
+    // also spares a handshake per scrape.
+    builder
         .pool_max_idle_per_host(1)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+        .pool_idle_timeout(Duration::from_secs(30));
+    match &config.transport {
+        Transport::Http => HttpClient::Http(builder.build(connector)),
+        Transport::Https(tls) => {
+            connector.enforce_http(false);
+            // The server name is the URI's host, the endpoint's IP address, so a verified
+            // certificate must name that IP in its subject alternative names.
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.client_config())
+                .https_only()
+                .enable_http1()
+                .wrap_connector(connector);
+            HttpClient::Https(builder.build(connector))
+        }
+    }
 }
 
-fn scrape_uri(addr: SocketAddr, path: &str) -> Result<Uri, ScrapeError> {
+fn scrape_uri(addr: SocketAddr, path: &str, scheme: &str) -> Result<Uri, ScrapeError> {
     let slash = if path.starts_with('/') { "" } else { "/" };
-    format!("http://{addr}{slash}{path}")
+    format!("{scheme}://{addr}{slash}{path}")
         .parse()
         .map_err(|_| ScrapeError::BadUrl {
             addr,
@@ -360,7 +407,7 @@ async fn scrape_endpoint(
     stats: ScrapeStats,
     ep_stats: Arc<EndpointStats>,
 ) {
-    let uri = scrape_uri(ep.spec.addr, &config.path).ok();
+    let uri = scrape_uri(ep.spec.addr, &config.path, config.transport.scheme()).ok();
     let mut ticker = interval(config.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -412,10 +459,13 @@ async fn scrape_once(
     // Ask for the classic text format; some exporters otherwise answer in OpenMetrics.
     headers.insert(ACCEPT, HeaderValue::from_static("text/plain;version=0.0.4"));
     headers.insert(USER_AGENT, HeaderValue::from_static("infergate-scrape"));
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| ScrapeError::Request(error_chain(&e)))?;
+    let response = client.request(request).await.map_err(|e| {
+        if is_tls_error(&e) {
+            ScrapeError::Tls(error_chain(&e))
+        } else {
+            ScrapeError::Request(error_chain(&e))
+        }
+    })?;
     if response.status() != StatusCode::OK {
         return Err(ScrapeError::Status(response.status()));
     }
@@ -445,6 +495,26 @@ async fn scrape_once(
     let page = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8)?;
     let samples = text::parse_only(page, |name| engines::reads(engine, name))?;
     Ok(engines::extract(engine, &samples)?)
+}
+
+/// Whether a rustls error (a refused certificate, a server not speaking TLS) is among the
+/// causes of `e`. hyper-rustls wraps it in an `io::Error` inside another `io::Error`, and
+/// `io::Error::source` skips what it wraps, so those are opened with `get_ref`.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
 }
 
 /// An error and its sources on one line; hyper's top-level messages alone are vague
@@ -477,14 +547,18 @@ mod tests {
         let v4: SocketAddr = "10.0.0.1:8000".parse().unwrap();
         let v6: SocketAddr = "[fd00::1]:8000".parse().unwrap();
         assert_eq!(
-            scrape_uri(v4, "/metrics").unwrap().to_string(),
+            scrape_uri(v4, "/metrics", "http").unwrap().to_string(),
             "http://10.0.0.1:8000/metrics"
         );
         assert_eq!(
-            scrape_uri(v6, "metrics").unwrap().to_string(),
+            scrape_uri(v6, "metrics", "http").unwrap().to_string(),
             "http://[fd00::1]:8000/metrics"
         );
-        assert!(scrape_uri(v4, "/bad path").is_err());
+        assert_eq!(
+            scrape_uri(v6, "/metrics", "https").unwrap().to_string(),
+            "https://[fd00::1]:8000/metrics"
+        );
+        assert!(scrape_uri(v4, "/bad path", "http").is_err());
     }
 
     #[test]

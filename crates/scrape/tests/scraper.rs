@@ -2,22 +2,23 @@
 //! samples to go stale and are reported once, slow servers do not hold up fast ones, and
 //! the task set follows the datastore.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::{endpoint, mk_config, start_scraping, updated_at, vllm, vllm_page, wait_for};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use infergate_core::{Datastore, Endpoint, EndpointSpec, Engine};
-use infergate_scrape::scraper::{run_with_stats, Clock, ScrapeConfig, ScrapeStats};
+use infergate_core::{Datastore, EndpointSpec, Engine};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 /// What a fake model server answers on every request.
 #[derive(Clone)]
@@ -80,77 +81,6 @@ async fn answer(reply: Reply) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     Ok(response)
-}
-
-fn vllm_page(waiting: u32, running: u32, kv: f64) -> String {
-    format!(
-        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
-         # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\n\
-         # TYPE vllm:num_requests_running gauge\n\
-         vllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} {running}.0\n\
-         # TYPE vllm:kv_cache_usage_perc gauge\n\
-         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"m\"}} {kv}\n"
-    )
-}
-
-fn mk_clock() -> Clock {
-    let start = Instant::now();
-    Arc::new(move || start.elapsed())
-}
-
-fn mk_config() -> ScrapeConfig {
-    ScrapeConfig {
-        timeout: Duration::from_millis(300),
-        ..ScrapeConfig::default()
-    }
-}
-
-fn vllm(addr: SocketAddr) -> EndpointSpec {
-    EndpointSpec::new(addr, Engine::Vllm)
-}
-
-/// Runs the scrape loop until dropped.
-struct Running {
-    stats: ScrapeStats,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn start_scraping(datastore: &Datastore, config: ScrapeConfig) -> Running {
-    let stats = ScrapeStats::new();
-    let task = tokio::spawn(run_with_stats(
-        datastore.clone(),
-        config,
-        mk_clock(),
-        stats.clone(),
-    ));
-    Running { stats, task }
-}
-
-fn endpoint(datastore: &Datastore, addr: SocketAddr) -> Arc<Endpoint> {
-    datastore
-        .snapshot()
-        .endpoint(addr)
-        .expect("endpoint in datastore")
-        .clone()
-}
-
-fn updated_at(datastore: &Datastore, addr: SocketAddr) -> Option<Duration> {
-    endpoint(datastore, addr).sample().updated_at
-}
-
-async fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
