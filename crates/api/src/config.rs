@@ -45,8 +45,9 @@ pub struct EndpointPickerConfig {
     pub saturation_detector: String,
     /// Enabled feature gates, each one of [`KNOWN_FEATURE_GATES`].
     pub feature_gates: Vec<String>,
-    /// Flow-control settings, kept as written until flow control is implemented.
-    pub flow_control: Option<serde_yaml_ng::Mapping>,
+    /// Flow-control settings; `Some` exactly when the `flowControl` feature gate is on
+    /// (defaults filled in when the gate is on and the section is absent).
+    pub flow_control: Option<FlowControlConfig>,
     /// Metric sources and their extractors.
     pub data_layer: Option<DataLayer>,
     /// The request parser (`openai-parser` when absent).
@@ -521,6 +522,36 @@ impl Default for UtilizationDetectorParams {
     }
 }
 
+/// `flowControl`: hold requests at the gateway while the pool is saturated and release them
+/// by priority as room appears. Only the global limits are supported; per-band settings
+/// (`priorityBands`, `defaultPriorityBand`) are refused as unknown keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FlowControlConfig {
+    /// Most requests waiting at once; an arrival beyond it displaces the newest waiting
+    /// request of lower priority, or is refused with 429.
+    pub max_requests: u64,
+    /// Most body bytes waiting at once (same rule as `maxRequests`).
+    pub max_bytes: u64,
+    /// How long a request may wait before it is answered 503 (Go duration, like `30s`).
+    #[serde(
+        rename = "defaultRequestTTL",
+        deserialize_with = "deserialize_go_duration"
+    )]
+    pub default_request_ttl: Duration,
+}
+
+impl Default for FlowControlConfig {
+    fn default() -> Self {
+        FlowControlConfig {
+            max_requests: 10_000,
+            // The reference's default per band.
+            max_bytes: 1 << 30,
+            default_request_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Parameters of `predicted-latency-scorer`. Durations are Go durations in YAML (`50ms`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -677,7 +708,7 @@ struct RawConfig {
     #[serde(default)]
     data_layer: Option<DataLayer>,
     #[serde(default)]
-    flow_control: Option<serde_yaml_ng::Mapping>,
+    flow_control: Option<FlowControlConfig>,
     #[serde(default)]
     parser: Option<PluginRef>,
 }
@@ -926,6 +957,27 @@ impl Resolver<'_> {
             self.ensure_plugin(&mut plugins, PluginKind::ApproxPrefixCacheProducer);
         }
         let saturation_detector = self.saturation_detector(raw.saturation_detector, &mut plugins);
+        let gate_on = raw.feature_gates.iter().any(|g| g == "flowControl");
+        let flow_control = match (gate_on, raw.flow_control) {
+            (true, section) => Some(section.unwrap_or_default()),
+            (false, Some(_)) => {
+                self.problem(
+                    FieldPath::parse("flowControl"),
+                    "is set but the flowControl feature gate is off, so it would be ignored; \
+                     add flowControl to featureGates or remove this section",
+                );
+                None
+            }
+            (false, None) => None,
+        };
+        if let Some(fc) = &flow_control {
+            if fc.default_request_ttl.is_zero() {
+                self.problem(
+                    FieldPath::parse("flowControl.defaultRequestTTL"),
+                    "must be more than 0 (a request could never wait)",
+                );
+            }
+        }
         if let Some(layer) = &raw.data_layer {
             self.data_layer(layer, &plugins);
         }
@@ -935,7 +987,7 @@ impl Resolver<'_> {
             scheduling_profiles: profiles,
             saturation_detector,
             feature_gates: raw.feature_gates,
-            flow_control: raw.flow_control,
+            flow_control,
             data_layer: raw.data_layer,
             parser: raw.parser,
         }

@@ -135,6 +135,7 @@ pub fn scheduler_config(
         staleness,
         inflight_accounting: true,
         strict_models: false,
+        flow: cfg.flow_control.as_ref().map(Into::into),
     })
 }
 

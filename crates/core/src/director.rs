@@ -18,8 +18,9 @@ use rand::RngCore;
 
 use crate::datastore::{Datastore, Snapshot};
 use crate::endpoint::Endpoint;
+use crate::flow::{Admission, FlowConfig, FlowQueue};
 use crate::prefix::{block_hashes, PrefixConfig, PrefixIndex};
-use crate::request::{approx_tokens, parse_body, splice_model, ApiKind, BodyError};
+use crate::request::{approx_tokens, parse_body, splice_model, ApiKind, BodyError, ParsedBody};
 use crate::rewrite;
 use crate::saturation::SaturationConfig;
 use crate::scheduler::{EndpointView, PluginTimer, Profile, RequestFacts};
@@ -36,6 +37,9 @@ pub struct SchedulerConfig {
     pub inflight_accounting: bool,
     /// Refuse (404) models that no rewrite rule or legacy InferenceModel names.
     pub strict_models: bool,
+    /// Queue requests at the gateway while the pool is saturated (feature gate
+    /// `flowControl`); `None` dispatches or sheds at once.
+    pub flow: Option<FlowConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -47,6 +51,7 @@ impl Default for SchedulerConfig {
             staleness: Duration::from_secs(2),
             inflight_accounting: true,
             strict_models: false,
+            flow: None,
         }
     }
 }
@@ -108,7 +113,7 @@ pub struct PickError {
 }
 
 impl PickError {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         PickError {
             kind,
             message: message.into(),
@@ -237,6 +242,22 @@ pub struct Director {
     prefix: Mutex<PrefixState>,
     decisions: AtomicU64,
     plugin_timing: Option<(Clock, PluginObserver)>,
+    flow: FlowQueue,
+}
+
+/// A request read and checked, not yet scheduled (see [`Director::prepare`]).
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    parsed: Option<ParsedBody<'a>>,
+    model: String,
+    priority: i32,
+}
+
+impl Prepared<'_> {
+    /// The priority of the request's objective (0 when it names none).
+    pub fn priority(&self) -> i32 {
+        self.priority
+    }
 }
 
 impl std::fmt::Debug for Director {
@@ -267,6 +288,7 @@ impl Director {
             }),
             decisions: AtomicU64::new(0),
             plugin_timing: None,
+            flow: FlowQueue::default(),
         }
     }
 
@@ -309,23 +331,117 @@ impl Director {
         self.decisions.load(Ordering::Relaxed)
     }
 
-    /// Schedule one request at `now`.
+    /// Schedule one request at `now`: [`Director::prepare`], then [`Director::pick`].
     pub fn decide(
         &self,
         input: &RequestInput<'_>,
         now: Duration,
         rng: &mut dyn RngCore,
     ) -> Result<Decision, PickError> {
+        let prepared = self.prepare(input)?;
+        self.pick(prepared, input, now, rng)
+    }
+
+    /// Read the body and resolve the model and priority; refuses what is malformed, an
+    /// unknown objective, and (with `strict_models`) an unknown model.
+    pub fn prepare<'a>(&self, input: &RequestInput<'a>) -> Result<Prepared<'a>, PickError> {
         let cfg = self.config.load();
         let snap = self.datastore.snapshot();
         let api = ApiKind::from_path(input.path);
         let parsed = input.body.map(|b| parse_body(api, b)).transpose()?;
-
         let model = parsed.as_ref().map(|p| p.model.clone()).unwrap_or_default();
         if cfg.strict_models && parsed.is_some() && !knows_model(&snap, &model) {
             return Err(unknown_model(&snap, &model));
         }
         let priority = resolve_priority(&snap, input.objective, &model)?;
+        Ok(Prepared {
+            parsed,
+            model,
+            priority,
+        })
+    }
+
+    /// Whether a request of `priority` with `bytes` of body may be scheduled now, must wait
+    /// in the flow-control queue, or is refused. Without flow control it is always `Now`.
+    /// Keep the ticket until [`Director::pick`] has returned.
+    pub fn admit(&self, priority: i32, bytes: u64, now: Duration) -> Admission {
+        let cfg = self.config.load();
+        let flow = cfg.flow.unwrap_or(FlowConfig {
+            max_requests: usize::MAX,
+            max_bytes: u64::MAX,
+            ttl: Duration::MAX,
+        });
+        if cfg.flow.is_none() {
+            return self.flow.admit(&flow, priority, bytes, |_| true);
+        }
+        self.flow.admit(&flow, priority, bytes, |pending| {
+            self.has_room(&cfg, now, pending)
+        })
+    }
+
+    /// Release flow-control waiters while the pool has room. Call it every few
+    /// milliseconds while [`Director::flow_waiting`] is non-zero.
+    pub fn pump_flow(&self, now: Duration) -> usize {
+        if self.flow.is_empty() {
+            return 0;
+        }
+        let cfg = self.config.load();
+        if cfg.flow.is_none() {
+            // Flow control was switched off by a reload: let everyone go.
+            return self.flow.release(|_| true);
+        }
+        let (score, per_pending) = self.pool_load(&cfg, now);
+        self.flow
+            .release(|pending| score + pending as f64 * per_pending < 1.0)
+    }
+
+    /// Requests waiting in the flow-control queue.
+    pub fn flow_waiting(&self) -> usize {
+        self.flow.len()
+    }
+
+    /// The pool's saturation score, and what one more dispatched request adds to it.
+    fn pool_load(&self, cfg: &SchedulerConfig, now: Duration) -> (f64, f64) {
+        let snap = self.datastore.snapshot();
+        if snap.endpoints.is_empty() {
+            return (f64::INFINITY, 0.0);
+        }
+        let sat = &cfg.saturation;
+        let score = snap
+            .endpoints
+            .iter()
+            .map(|e| {
+                let v = EndpointView::build(e, now, cfg.staleness, cfg.inflight_accounting, "");
+                sat.endpoint_score(&v, now)
+            })
+            .sum::<f64>()
+            / snap.endpoints.len() as f64;
+        // A request on its way counts as one more waiting somewhere in the pool.
+        let per_pending =
+            1.0 / (sat.queue_depth_threshold.max(f64::MIN_POSITIVE) * snap.endpoints.len() as f64);
+        (score, per_pending)
+    }
+
+    fn has_room(&self, cfg: &SchedulerConfig, now: Duration, pending: usize) -> bool {
+        let (score, per_pending) = self.pool_load(cfg, now);
+        score + pending as f64 * per_pending < 1.0
+    }
+
+    /// Schedule a prepared request at `now` (after its admission, if flow control is on).
+    pub fn pick(
+        &self,
+        prepared: Prepared<'_>,
+        input: &RequestInput<'_>,
+        now: Duration,
+        rng: &mut dyn RngCore,
+    ) -> Result<Decision, PickError> {
+        let cfg = self.config.load();
+        let snap = self.datastore.snapshot();
+        let Prepared {
+            parsed,
+            model,
+            priority,
+        } = prepared;
         let target_model = match rewrite::choose(&snap.rewrites, &model, rng) {
             Some(t) if parsed.is_some() => t.to_string(),
             _ => model.clone(),

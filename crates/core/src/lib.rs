@@ -11,6 +11,7 @@ pub mod build;
 pub mod datastore;
 pub mod director;
 pub mod endpoint;
+pub mod flow;
 pub mod latency;
 pub mod objective;
 pub mod prefix;
@@ -21,7 +22,10 @@ pub mod scheduler;
 pub mod usage;
 
 pub use datastore::{Datastore, Policy, Snapshot};
-pub use director::{Decision, Director, ErrorKind, PickError, RequestInput, SchedulerConfig};
+pub use director::{
+    Decision, Director, ErrorKind, PickError, Prepared, RequestInput, SchedulerConfig,
+};
 pub use endpoint::{
     Endpoint, EndpointMetrics, EndpointSpec, Engine, HotSample, LoraState, MetricsSample,
 };
+pub use flow::{Admission, FlowConfig};

@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use infergate_core::director::{Decision, Director, PickError, RequestInput};
+use infergate_core::flow::{self, Admission, Ticket, Waiter};
 use infergate_core::ErrorKind;
 use infergate_metrics::{ErrorLabels, Metrics, ModelLabels, RequestLabels, RunningLabels};
 use rand::rngs::SmallRng;
@@ -184,6 +185,18 @@ pub struct Exchange {
     decision: Option<Decision>,
     decided_at: Duration,
     labels: Option<ModelLabels>,
+    /// A request waiting in the flow-control queue (see [`Exchange::take_waiter`]).
+    queued: Option<Queued>,
+}
+
+/// What to do when a queued request is released.
+#[derive(Debug)]
+struct Queued {
+    has_body: bool,
+    body_eos: bool,
+    priority: i32,
+    since: Duration,
+    waiter: Option<Waiter>,
 }
 
 impl Exchange {
@@ -199,6 +212,7 @@ impl Exchange {
             decision: None,
             decided_at: Duration::ZERO,
             labels: None,
+            queued: None,
         }
     }
 
@@ -337,6 +351,50 @@ impl Exchange {
     /// last body chunk we send ends the stream (false when trailers follow).
     fn decide_and_route_with(&mut self, has_body: bool, body_eos: bool) -> Vec<ProcessingResponse> {
         self.req.decided = true;
+        self.route(has_body, body_eos, None)
+    }
+
+    /// With flow control on and the pool saturated, the request waits: the caller takes
+    /// this future, awaits it under the time limit it is given, and passes the outcome to
+    /// [`Exchange::resume`]. Until then the exchange answers nothing.
+    pub fn take_waiter(&mut self) -> Option<(Waiter, Duration)> {
+        let waiter = self.queued.as_mut()?.waiter.take()?;
+        let ttl = self
+            .ctx
+            .director
+            .config()
+            .flow
+            .map_or(Duration::from_secs(30), |f| f.ttl);
+        Some((waiter, ttl))
+    }
+
+    /// Continue a request that waited in the flow-control queue: schedule it (released) or
+    /// refuse it (displaced, or waited too long).
+    pub fn resume(&mut self, admitted: Result<Ticket, PickError>) -> Vec<ProcessingResponse> {
+        let Some(q) = self.queued.take() else {
+            return vec![];
+        };
+        let waited = (self.ctx.clock)().saturating_sub(q.since);
+        self.ctx
+            .metrics
+            .flow_wait(q.priority, flow::outcome_label(&admitted), waited);
+        match admitted {
+            Ok(ticket) => self.route(q.has_body, q.body_eos, Some(ticket)),
+            Err(e) => {
+                let status = e.kind.status();
+                vec![self.refuse(e, status)]
+            }
+        }
+    }
+
+    /// Schedule, then answer. `admitted`: the flow-control ticket of a request released
+    /// from the queue; `None` asks for admission first.
+    fn route(
+        &mut self,
+        has_body: bool,
+        body_eos: bool,
+        admitted: Option<Ticket>,
+    ) -> Vec<ProcessingResponse> {
         let ctx = self.ctx.clone();
         let t0 = (ctx.clock)();
         let body = std::mem::take(&mut self.req.body);
@@ -347,7 +405,42 @@ impl Exchange {
             test_selection: self.req.test_selection.as_deref(),
             subset: self.req.subset.take(),
         };
-        let result = ctx.director.decide(&input, t0, &mut self.rng);
+        let prepared = match ctx.director.prepare(&input) {
+            Ok(p) => p,
+            Err(e) => {
+                let status = e.kind.status();
+                return vec![self.refuse(e, status)];
+            }
+        };
+        let priority = prepared.priority();
+        let _ticket = match admitted {
+            Some(t) => t,
+            None => match ctx.director.admit(priority, body.len() as u64, t0) {
+                Admission::Now(t) => t,
+                Admission::Refused(e) => {
+                    if ctx.director.config().flow.is_some() {
+                        ctx.metrics.flow_wait(priority, "rejected", Duration::ZERO);
+                    }
+                    let status = e.kind.status();
+                    return vec![self.refuse(e, status)];
+                }
+                Admission::Wait(waiter) => {
+                    drop(prepared);
+                    let RequestInput { subset, .. } = input;
+                    self.req.subset = subset;
+                    self.req.body = body;
+                    self.queued = Some(Queued {
+                        has_body,
+                        body_eos,
+                        priority,
+                        since: t0,
+                        waiter: Some(waiter),
+                    });
+                    return vec![];
+                }
+            },
+        };
+        let result = ctx.director.pick(prepared, &input, t0, &mut self.rng);
         let t1 = (ctx.clock)();
         ctx.metrics
             .scheduler_e2e_duration_seconds

@@ -17,6 +17,8 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use infergate_core::flow;
+
 use crate::protocol::{Context, Exchange};
 
 /// Health service names the GIE defines; `readiness` and the ext_proc name follow readiness.
@@ -51,6 +53,8 @@ struct StreamState {
     inbound: Streaming<ProcessingRequest>,
     exchange: Exchange,
     pending: VecDeque<ProcessingResponse>,
+    /// Messages that arrived while the request waited in the flow-control queue.
+    held: VecDeque<ProcessingRequest>,
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
@@ -70,6 +74,7 @@ impl ExternalProcessor for Picker {
             inbound,
             exchange: Exchange::new(ctx),
             pending: VecDeque::new(),
+            held: VecDeque::new(),
         };
         // Replies are produced in the task tonic already polls for this stream, so a message
         // costs no extra task wake-up or channel hop. Dropping the stream (Envoy gone) drops
@@ -95,6 +100,29 @@ impl ExternalProcessor for Picker {
                     }
                 };
                 st.pending.extend(st.exchange.on_message(msg));
+                if let Some((waiter, ttl)) = st.exchange.take_waiter() {
+                    // Flow control holds the request. Envoy's further messages wait their
+                    // turn; if Envoy ends the stream (the client left), the waiter is
+                    // dropped and leaves the queue.
+                    let wait = flow::wait(waiter, ttl, tokio::time::sleep(ttl));
+                    tokio::pin!(wait);
+                    let outcome = loop {
+                        tokio::select! {
+                            outcome = &mut wait => break outcome,
+                            msg = st.inbound.next() => match msg {
+                                Some(Ok(m)) => st.held.push_back(m),
+                                _ => {
+                                    tracing::debug!("ext_proc stream ended while its request waited in the flow-control queue");
+                                    return None;
+                                }
+                            },
+                        }
+                    };
+                    st.pending.extend(st.exchange.resume(outcome));
+                    while let Some(m) = st.held.pop_front() {
+                        st.pending.extend(st.exchange.on_message(m));
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(replies)))

@@ -18,6 +18,7 @@
 //! gateway to a private address or filter `/metrics` in front of it if that page must stay
 //! private.
 
+mod admission;
 mod breaker;
 mod keys;
 mod metrics;

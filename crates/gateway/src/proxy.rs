@@ -150,15 +150,15 @@ async fn proxy(
             Candidates::Any | Candidates::Exhausted => None,
         },
     };
+    let admitted = match gw.admission(&input).await {
+        Ok(ticket) => ticket,
+        Err(e) => return refuse_pick(&gw, &e),
+    };
     let decided = gw.decide(&input, &mut rng);
+    drop(admitted);
     let (mut decision, decided_at) = match decided {
         Ok(d) => d,
-        Err(e) => {
-            count_refusal(&gw, e.kind.code());
-            let status =
-                StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return refuse(&gw, status, &e.message);
-        }
+        Err(e) => return refuse_pick(&gw, &e),
     };
     span.record("model", decision.model.as_str());
     let labels = gw
@@ -244,6 +244,13 @@ async fn proxy(
     }
     drop(decision);
     gw.give_up(tried, kept, ledger)
+}
+
+/// Answer a request the director refused, with its status and message.
+fn refuse_pick(gw: &Gateway, e: &infergate_core::PickError) -> Response<ResponseBody> {
+    count_refusal(gw, e.kind.code());
+    let status = StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    refuse(gw, status, &e.message)
 }
 
 fn count_refusal(gw: &Gateway, code: &str) {

@@ -272,12 +272,13 @@ impl Brain {
             args.metrics_staleness_threshold,
         )?;
         sched.strict_models = args.strict_models;
-        if cfg.flow_control.is_some() || cfg.feature_gates.iter().any(|g| g == "flowControl") {
-            // Say it loudly rather than pretend: queueing by fairness and priority bands is
-            // not built yet; saturation shedding by priority still applies.
-            tracing::warn!(
-                "the config enables flowControl, which infergate does not implement yet; \
-                 requests are not queued, and priority < 0 is shed with 429 while the pool is saturated"
+        if let Some(fc) = &cfg.flow_control {
+            tracing::info!(
+                max_requests = fc.max_requests,
+                max_bytes = fc.max_bytes,
+                ttl = ?fc.default_request_ttl,
+                "flow control on: requests wait at the picker while the pool is saturated \
+                 (priority < 0 is still refused with 429, not queued)"
             );
         }
 
@@ -402,6 +403,7 @@ impl Brain {
                 }
             });
         }
+        tokio::spawn(pump_flow(director.clone(), metrics.clone(), clock.clone()));
         Ok(Brain {
             datastore: ds,
             director,
@@ -411,6 +413,23 @@ impl Brain {
             pool_name,
             kube,
         })
+    }
+}
+
+/// Release flow-control waiters as room appears: every 2 ms while any wait (room comes from
+/// finished requests and fresh metrics, neither of which announces itself), every 50 ms
+/// otherwise. A request arriving to an empty queue and a pool with room never waits for
+/// this loop.
+async fn pump_flow(director: Arc<Director>, metrics: Arc<Metrics>, clock: Clock) {
+    loop {
+        let waiting = director.flow_waiting();
+        metrics.flow_control_queue_size.set(waiting as i64);
+        if waiting > 0 {
+            director.pump_flow(clock());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

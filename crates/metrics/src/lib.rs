@@ -49,6 +49,14 @@ pub struct PluginLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub priority: String,
+    /// `dispatched`, `rejected` (not queued), `displaced` (by higher priority), `expired`
+    /// (waited its whole time limit) or `cancelled` (the client went away).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub name: String,
 }
@@ -99,6 +107,8 @@ pub struct Metrics {
     pub prefix_indexer_size: Gauge,
     pub prefix_indexer_max_entries: Gauge,
     pub prefix_indexer_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub flow_control_request_queue_duration_seconds: Family<FlowLabels, Histogram, Buckets>,
+    pub flow_control_queue_size: Gauge,
     pub pool_name: String,
     /// Model names already used as label values (see [`Metrics::model_labels`]).
     model_names: parking_lot::RwLock<std::collections::HashSet<String>>,
@@ -119,6 +129,16 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Record how long a request waited in the flow-control queue and how that ended.
+    pub fn flow_wait(&self, priority: i32, outcome: &'static str, waited: Duration) {
+        self.flow_control_request_queue_duration_seconds
+            .get_or_create(&FlowLabels {
+                priority: priority.to_string(),
+                outcome,
+            })
+            .observe(waited.as_secs_f64());
+    }
+
     /// The label values for a request for `model`, served as `target`: the names
     /// themselves while fewer than [`MAX_MODEL_LABELS`] distinct names have been seen,
     /// [`OTHER_MODEL`] for new names after that.
@@ -179,6 +199,10 @@ impl Metrics {
             prefix_indexer_size: Gauge::default(),
             prefix_indexer_max_entries: Gauge::default(),
             prefix_indexer_hit_ratio: Gauge::default(),
+            flow_control_request_queue_duration_seconds: Family::new_with_constructor(Buckets(
+                exponential_buckets(0.001, 2.0, 16).collect(), // 1 ms .. ~33 s
+            )),
+            flow_control_queue_size: Gauge::default(),
             pool_name: pool_name.to_string(),
             registry: Registry::default(),
             model_names: Default::default(),
@@ -283,6 +307,16 @@ impl Metrics {
             "inference_extension_prefix_indexer_hit_ratio",
             "Share of prompt blocks found in the prefix index",
             m.prefix_indexer_hit_ratio.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Time requests spent in the flow-control queue, by priority and outcome",
+            m.flow_control_request_queue_duration_seconds.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_queue_size",
+            "Requests waiting in the flow-control queue",
+            m.flow_control_queue_size.clone(),
         );
         r.register(
             // prometheus-client adds the `_info` suffix itself.

@@ -440,8 +440,35 @@ fn feature_gates_api_version_and_flow_control_shape_are_checked() {
 
     let err = fail(&format!("{HEADER}flowControl: [1]\n"));
     assert_problem(&err, "flowControl", 3);
-    let config = load(&format!("{HEADER}flowControl:\n  maxRequests: 100\n"));
-    assert_eq!(config.flow_control.unwrap().len(), 1);
+    let config = load(&format!(
+        "{HEADER}featureGates: [flowControl]\nflowControl:\n  maxRequests: 100\n  defaultRequestTTL: 1500ms\n"
+    ));
+    let fc = config.flow_control.unwrap();
+    assert_eq!(fc.max_requests, 100);
+    assert_eq!(fc.max_bytes, 1 << 30);
+    assert_eq!(
+        fc.default_request_ttl,
+        std::time::Duration::from_millis(1500)
+    );
+
+    // The gate alone turns flow control on with the defaults; neither means off.
+    let config = load(&format!("{HEADER}featureGates: [flowControl]\n"));
+    assert_eq!(config.flow_control, Some(Default::default()));
+    assert_eq!(load(HEADER).flow_control, None);
+
+    // A section the gate would ignore, per-band settings and a zero TTL are refused.
+    let text = format!("{HEADER}flowControl:\n  maxRequests: 100\n");
+    assert_problem(&fail(&text), "flowControl", line(&text, "flowControl:"));
+    let text = format!("{HEADER}featureGates: [flowControl]\nflowControl:\n  priorityBands: []\n");
+    let err = fail(&text);
+    assert!(err.to_string().contains("priorityBands"), "{err}");
+    let text =
+        format!("{HEADER}featureGates: [flowControl]\nflowControl:\n  defaultRequestTTL: 0s\n");
+    assert_problem(
+        &fail(&text),
+        "flowControl.defaultRequestTTL",
+        line(&text, "defaultRequestTTL"),
+    );
 }
 
 #[test]
