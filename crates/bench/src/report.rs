@@ -55,6 +55,107 @@ pub fn to_markdown(runs: &[RunReport]) -> String {
     s
 }
 
+/// What a real-time scenario measured of the router process itself during one stage
+/// (`infergate bench scenario`, infergate's own routers only: `serve` and `epp`; every
+/// field is absent for round robin and the peer routers, and on the virtual clock).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RouterStageStats {
+    /// Peak resident memory (VmRSS of /proc/PID/status, sampled once per second) of the
+    /// router process during the stage, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_rss_mb_peak: Option<f64>,
+    /// The router's resident memory at the end of the stage, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_rss_mb_end: Option<f64>,
+    /// Envoy's peak resident memory during the stage, in MiB (epp behind Envoy only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envoy_rss_mb_peak: Option<f64>,
+    /// Envoy's resident memory at the end of the stage, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envoy_rss_mb_end: Option<f64>,
+    /// Median time the router took to schedule one request during the stage, in
+    /// microseconds, from the difference of its
+    /// `inference_extension_scheduler_e2e_duration_seconds` histogram between the stage's
+    /// start and end: the upper bound of the bucket the quantile falls in (buckets double
+    /// from 1 us, so this is at most 2x the true value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler_p50_us: Option<f64>,
+    /// The 99th percentile of the same, in microseconds (same bucket upper bound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler_p99_us: Option<f64>,
+    /// Scheduling decisions the router recorded during the stage (the histogram's count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler_decisions: Option<u64>,
+}
+
+impl RouterStageStats {
+    pub fn is_empty(&self) -> bool {
+        *self == RouterStageStats::default()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct RowWithStats<'a> {
+    #[serde(flatten)]
+    run: &'a RunReport,
+    #[serde(flatten)]
+    stats: &'a RouterStageStats,
+}
+
+/// Like [`to_json`], with each run's [`RouterStageStats`] (`stats[i]` for `runs[i]`;
+/// missing or empty ones add nothing) as extra fields of the run's object.
+pub fn to_json_with_stats(runs: &[RunReport], stats: &[RouterStageStats]) -> String {
+    let none = RouterStageStats::default();
+    let rows: Vec<RowWithStats> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| RowWithStats {
+            run,
+            stats: stats.get(i).unwrap_or(&none),
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).expect("reports serialise")
+}
+
+/// A Markdown table of the runs that have [`RouterStageStats`]: router, QPS, router RSS
+/// peak and end (MiB), Envoy RSS peak / end (MiB), scheduling p50 / p99 (us, bucket upper
+/// bounds) and decisions; "-" where a figure is missing. Empty when no run has any.
+pub fn router_stats_markdown(runs: &[RunReport], stats: &[RouterStageStats]) -> String {
+    if stats.iter().all(RouterStageStats::is_empty) {
+        return String::new();
+    }
+    let mb = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let mut s = String::from(
+        "| router | QPS | router RSS peak (MiB) | router RSS end (MiB) | Envoy RSS peak / end (MiB) | scheduling p50 (us) | scheduling p99 (us) | decisions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (r, st) in runs.iter().zip(stats) {
+        if st.is_empty() {
+            continue;
+        }
+        let envoy = if st.envoy_rss_mb_peak.is_some() || st.envoy_rss_mb_end.is_some() {
+            format!("{} / {}", mb(st.envoy_rss_mb_peak), mb(st.envoy_rss_mb_end))
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.router.replace('|', "\\|"),
+            r.stage_qps,
+            mb(st.router_rss_mb_peak),
+            mb(st.router_rss_mb_end),
+            envoy,
+            us(st.scheduler_p50_us),
+            us(st.scheduler_p99_us),
+            st.scheduler_decisions
+                .map_or("-".to_owned(), |n| n.to_string()),
+        );
+    }
+    s
+}
+
 fn esc(t: &str) -> String {
     t.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -266,4 +367,53 @@ pub fn svg_chart(
     }
     s.push_str("</svg>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(router: &str) -> RunReport {
+        RunReport {
+            router: router.into(),
+            workload: "chat".into(),
+            stage_qps: 2.0,
+            summary: crate::stats::summarize(&[], 1.0),
+            by_priority: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn router_stats_are_extra_fields_and_a_second_table() {
+        let runs = [run("round-robin"), run("infergate-epp-envoy")];
+        let stats = [
+            RouterStageStats::default(),
+            RouterStageStats {
+                router_rss_mb_peak: Some(31.25),
+                router_rss_mb_end: Some(30.0),
+                envoy_rss_mb_peak: Some(60.0),
+                envoy_rss_mb_end: Some(59.5),
+                scheduler_p50_us: Some(32.0),
+                scheduler_p99_us: Some(128.0),
+                scheduler_decisions: Some(10),
+            },
+        ];
+        let json: serde_json::Value =
+            serde_json::from_str(&to_json_with_stats(&runs, &stats)).unwrap();
+        assert!(json[0].get("router_rss_mb_peak").is_none(), "{json}");
+        assert_eq!(json[0]["router"], "round-robin");
+        assert_eq!(json[1]["router_rss_mb_peak"], 31.25);
+        assert_eq!(json[1]["scheduler_decisions"], 10);
+        assert_eq!(json[1]["stage_qps"], 2.0);
+        // Without stats, the same as to_json.
+        assert_eq!(to_json_with_stats(&runs, &[]), to_json(&runs));
+
+        let md = router_stats_markdown(&runs, &stats);
+        assert_eq!(md.lines().count(), 3, "{md}");
+        assert!(
+            md.contains("| infergate-epp-envoy | 2 | 31.2 | 30.0 | 60.0 / 59.5 | 32 | 128 | 10 |"),
+            "{md}"
+        );
+        assert_eq!(router_stats_markdown(&runs, &stats[..1]), "");
+    }
 }

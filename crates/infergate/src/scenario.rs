@@ -24,7 +24,14 @@
 //! timeout: 120                # seconds per request (default 300)
 //! max_seconds: 300            # optional bound on each router's stages
 //! routers: [round-robin, infergate-reference, infergate]
+//! picker_config: |            # optional EndpointPickerConfig for `infergate` and
+//!   apiVersion: ...           # `infergate-epp-envoy` (their `--config-file`)
 //! ```
+//!
+//! In real time, the report also has, per stage, what the infergate routers (`serve`,
+//! `epp`) did themselves: their resident memory (and Envoy's), sampled once per second,
+//! and their scheduling latency from their own `/metrics` histogram (see
+//! [`RouterStageStats`]).
 
 use std::io::{BufRead as _, Write as _};
 use std::net::SocketAddr;
@@ -36,7 +43,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use infergate_bench::http::{self, HttpConfig, Progress};
-use infergate_bench::report::{self, RunReport};
+use infergate_bench::report::{self, RouterStageStats, RunReport};
 use infergate_bench::virtual_run::{self, VirtualPool};
 use infergate_bench::workload::{RequestSpec, Stage};
 use serde::Deserialize;
@@ -82,6 +89,11 @@ impl RouterKind {
         serde_yaml_ng::from_str::<RouterKind>(s.trim()).map_err(|_| {
             anyhow::anyhow!("unknown router {s:?}; known: {}", ROUTER_NAMES.join(", "))
         })
+    }
+
+    /// Whether the scenario's `picker_config` is passed to this router (`--config-file`).
+    fn uses_picker_config(self) -> bool {
+        matches!(self, RouterKind::Infergate | RouterKind::InfergateEppEnvoy)
     }
 
     fn is_peer(self) -> bool {
@@ -154,6 +166,16 @@ pub struct Scenario {
     #[serde(default)]
     pub max_seconds: Option<f64>,
     pub routers: Vec<RouterKind>,
+    /// An EndpointPickerConfig (the YAML `--config-file` takes), inline as a block string
+    /// (`picker_config: |`). In real time it is written to `<out>/logs/picker-config.yaml`,
+    /// checked with `infergate config check` before anything starts (a config the router
+    /// would refuse stops the scenario with the router's error), and passed as
+    /// `--config-file` to the `infergate` router (`serve`, instead of `--profile
+    /// infergate`) and to `infergate-epp-envoy` (`epp`). `infergate-reference` keeps the
+    /// reference profile; round-robin and the peer routers (sglang-cache-aware,
+    /// vllm-cache-aware, vllm-power-of-two) ignore it, and so does the virtual clock.
+    #[serde(default)]
+    pub picker_config: Option<String>,
 }
 
 impl Scenario {
@@ -209,6 +231,11 @@ impl Scenario {
                 if !(v.is_finite() && v > 0.0) {
                     anyhow::bail!("{what} must be a positive number of seconds, not {v}");
                 }
+            }
+        }
+        if let Some(c) = &self.picker_config {
+            if c.trim().is_empty() {
+                anyhow::bail!("picker_config is empty; give an EndpointPickerConfig or drop it");
             }
         }
         if self.routers.is_empty() {
@@ -315,12 +342,19 @@ pub fn run_scenario(scn: &Scenario, virtual_clock: bool, out: &Path) -> anyhow::
         scn.routers.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
     );
     let mut rows = Vec::new();
+    let mut stats = Vec::new();
     let mut routers = Vec::new();
     if virtual_clock {
+        if scn.picker_config.is_some() {
+            eprintln!(
+                "infergate scenario: picker_config is not used on the virtual clock (real-time runs only)"
+            );
+        }
         for &r in &scn.routers {
             let t = Instant::now();
             match run_virtual(scn, r)? {
                 Some(mut rs) => {
+                    stats.resize(stats.len() + rs.len(), RouterStageStats::default());
                     rows.append(&mut rs);
                     let secs = t.elapsed().as_secs_f64();
                     eprintln!(
@@ -348,6 +382,9 @@ pub fn run_scenario(scn: &Scenario, virtual_clock: bool, out: &Path) -> anyhow::
             .build()?;
         let log_dir = out.join("logs");
         std::fs::create_dir_all(&log_dir)?;
+        if scn.picker_config.is_some() && scn.routers.iter().any(|r| r.uses_picker_config()) {
+            check_picker_config(scn, &log_dir)?;
+        }
         let mut peers: Option<Result<PathBuf, String>> = None;
         for &r in &scn.routers {
             let t = Instant::now();
@@ -361,8 +398,11 @@ pub fn run_scenario(scn: &Scenario, virtual_clock: bool, out: &Path) -> anyhow::
             }
             let python = peers.as_ref().and_then(|p| p.as_ref().ok()).cloned();
             match rt.block_on(run_real(scn, r, python.as_deref(), &log_dir)) {
-                Ok((mut rs, addresses)) => {
-                    rows.append(&mut rs);
+                Ok((rs, addresses)) => {
+                    for (row, st) in rs {
+                        rows.push(row);
+                        stats.push(st);
+                    }
                     routers.push(RouterRun {
                         router: r.name().into(),
                         status: "ran".into(),
@@ -371,15 +411,21 @@ pub fn run_scenario(scn: &Scenario, virtual_clock: bool, out: &Path) -> anyhow::
                         addresses,
                     });
                 }
-                Err(Skip(why)) => {
+                Err(RealError::Skip(Skip(why))) => {
                     eprintln!("infergate scenario: {}: skipped: {why}", r.name());
                     routers.push(skipped(r, why));
+                }
+                Err(RealError::Fatal(why)) => {
+                    anyhow::bail!(
+                        "{}: the router did not start with the scenario's picker_config: {why}",
+                        r.name()
+                    );
                 }
             }
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    write_report(scn, out, &rows, &routers, virtual_clock, wall)?;
+    write_report(scn, out, &rows, &stats, &routers, virtual_clock, wall)?;
     Ok(Outcome {
         rows,
         routers,
@@ -446,6 +492,7 @@ fn write_report(
     scn: &Scenario,
     out: &Path,
     rows: &[RunReport],
+    stats: &[RouterStageStats],
     routers: &[RouterRun],
     virtual_clock: bool,
     wall: f64,
@@ -455,6 +502,15 @@ fn write_report(
         std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
     };
     let mut md = report::to_markdown(rows);
+    let own = report::router_stats_markdown(rows, stats);
+    if !own.is_empty() {
+        md.push_str(
+            "\nThe routers' own figures per stage: resident memory (VmRSS, sampled once per \
+             second) and scheduling time from their `inference_extension_scheduler_e2e_duration_seconds` \
+             histogram over the stage (upper bounds of the buckets the quantiles fall in).\n\n",
+        );
+        md.push_str(&own);
+    }
     let notes: Vec<String> = routers
         .iter()
         .filter_map(|r| {
@@ -468,7 +524,7 @@ fn write_report(
         md.push_str(&notes.join("\n"));
         md.push('\n');
     }
-    write("report.json", &report::to_json(rows))?;
+    write("report.json", &report::to_json_with_stats(rows, stats))?;
     write("report.md", &md)?;
     let clock = if virtual_clock { ", virtual clock" } else { "" };
     write(
@@ -493,6 +549,7 @@ fn write_report(
         "qps": scn.qps,
         "stage_seconds": scn.stage_seconds,
         "seed": scn.seed,
+        "picker_config": scn.picker_config,
         "wall_seconds": wall,
         "routers": routers,
     });
@@ -586,6 +643,315 @@ fn run_virtual(scn: &Scenario, r: RouterKind) -> anyhow::Result<Option<Vec<RunRe
 
 /// Why a router could not run (recorded as skipped; the scenario goes on).
 struct Skip(String);
+
+/// How one router's real-time turn failed.
+enum RealError {
+    /// Recorded as skipped; the scenario goes on.
+    Skip(Skip),
+    /// The router did not start with the scenario's `picker_config`: the scenario stops.
+    Fatal(String),
+}
+
+impl From<Skip> for RealError {
+    fn from(s: Skip) -> RealError {
+        RealError::Skip(s)
+    }
+}
+
+/// Where a real-time run writes the scenario's `picker_config`.
+fn picker_config_path(log_dir: &Path) -> PathBuf {
+    log_dir.join("picker-config.yaml")
+}
+
+/// Writes the scenario's `picker_config` to the run's log directory and has
+/// `infergate config check` load it as the routers will: a config they would refuse stops
+/// the scenario here, with their error.
+fn check_picker_config(scn: &Scenario, log_dir: &Path) -> anyhow::Result<()> {
+    let Some(text) = &scn.picker_config else {
+        return Ok(());
+    };
+    let path = picker_config_path(log_dir);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    let out = Command::new(exe()?)
+        .args(["config", "check", "--config-file"])
+        .arg(&path)
+        .env("INFERGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `infergate config check`")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = err.trim();
+        let err = err.strip_prefix("infergate: ").unwrap_or(err);
+        anyhow::bail!(
+            "picker_config (written to {}) is refused by the router: {err}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `infergate serve`'s arguments in a scenario: the built-in `profile`, or the scenario's
+/// picker config when `config_file` is given (the two flags exclude each other).
+fn serve_args(pool_file: &str, profile: &str, config_file: Option<&Path>) -> Vec<String> {
+    let mut a: Vec<String> = ["serve", "--listen-address", "127.0.0.1", "--port", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["--pool-file".into(), pool_file.into()]);
+    match config_file {
+        Some(c) => a.extend(["--config-file".into(), c.display().to_string()]),
+        None => a.extend(["--profile".into(), profile.into()]),
+    }
+    a
+}
+
+/// `infergate epp`'s arguments in a scenario (its built-in profile unless `config_file`).
+fn epp_args(
+    grpc: u16,
+    health: u16,
+    metrics: u16,
+    pool_file: &str,
+    config_file: Option<&Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "epp".into(),
+        "--listen-address".into(),
+        "127.0.0.1".into(),
+        "--grpc-port".into(),
+        grpc.to_string(),
+        "--grpc-health-port".into(),
+        health.to_string(),
+        "--metrics-port".into(),
+        metrics.to_string(),
+        "--pool-file".into(),
+        pool_file.into(),
+    ];
+    if let Some(c) = config_file {
+        a.extend(["--config-file".into(), c.display().to_string()]);
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------------------
+// Real time: the router's own figures
+
+/// What is watched of one router during its stages.
+struct Watch {
+    router_pid: u32,
+    envoy_pid: Option<u32>,
+    /// Base URL of the router's Prometheus `/metrics`.
+    metrics_url: String,
+}
+
+/// The scheduling-latency histogram every infergate router exports.
+const SCHEDULER_HISTOGRAM: &str = "inference_extension_scheduler_e2e_duration_seconds";
+
+/// Resident memory of a process in MiB (VmRSS of /proc/PID/status), if it can be read.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line["VmRSS:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Peak and last of a series of samples.
+#[derive(Clone, Copy, Debug, Default)]
+struct PeakLast {
+    peak: Option<f64>,
+    last: Option<f64>,
+}
+
+impl PeakLast {
+    fn add(&mut self, v: Option<f64>) {
+        if let Some(v) = v {
+            self.peak = Some(self.peak.map_or(v, |p| p.max(v)));
+            self.last = Some(v);
+        }
+    }
+}
+
+/// Samples the RSS of `pids` once per second on a thread of its own until told to stop
+/// (then once more, so the last sample is the stage's end).
+struct RssSampler {
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Vec<PeakLast>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> RssSampler {
+        let (stop, rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut got = vec![PeakLast::default(); pids.len()];
+            loop {
+                for (g, &pid) in got.iter_mut().zip(&pids) {
+                    g.add(rss_mib(pid));
+                }
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+            for (g, &pid) in got.iter_mut().zip(&pids) {
+                g.add(rss_mib(pid));
+            }
+            got
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn finish(self) -> Vec<PeakLast> {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The router's `/metrics` page, or `None` (with a note) when it cannot be read.
+async fn metrics_page(url: &str) -> Option<String> {
+    let client = infergate_testkit::http::HttpClient::new();
+    let got = tokio::time::timeout(Duration::from_secs(5), client.get(url, "/metrics")).await;
+    match got {
+        Ok(Ok((status, _, body))) if status.is_success() => {
+            Some(String::from_utf8_lossy(&body).into_owned())
+        }
+        Ok(Ok((status, _, _))) => {
+            eprintln!("infergate scenario: {url}/metrics answered {status}");
+            None
+        }
+        Ok(Err(e)) => {
+            eprintln!("infergate scenario: cannot read {url}/metrics: {e:#}");
+            None
+        }
+        Err(_) => {
+            eprintln!("infergate scenario: {url}/metrics did not answer within 5 s");
+            None
+        }
+    }
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name` in a Prometheus text page,
+/// summed over its label sets, sorted by `le` (the last is `+Inf`).
+fn histogram_buckets(page: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket");
+    let mut got: Vec<(f64, f64)> = Vec::new();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let Some(close) = rest.find('}') else {
+            continue;
+        };
+        let (labels, value) = (&rest[..close], &rest[close + 1..]);
+        let Some(le) = labels.split(',').find_map(|kv| {
+            let v = kv.trim().strip_prefix("le=")?.trim_matches('"');
+            match v {
+                "+Inf" | "Inf" | "inf" | "+inf" => Some(f64::INFINITY),
+                v => v.parse::<f64>().ok(),
+            }
+        }) else {
+            continue;
+        };
+        let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        match got.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, c)) => *c += v,
+            None => got.push((le, v)),
+        }
+    }
+    got.sort_by(|a, b| a.0.total_cmp(&b.0));
+    got
+}
+
+/// p50, p99 (seconds) and the count of the observations histogram `name` gained between
+/// pages `before` and `after`: each quantile is the upper bound of the bucket it falls in
+/// (the largest finite bound when it falls in `+Inf`). `None` when `after` lacks the
+/// histogram; the quantiles are `None` when nothing was observed. A counter that went
+/// down (the router restarted) counts from zero.
+fn stage_quantiles(
+    before: &str,
+    after: &str,
+    name: &str,
+) -> Option<(Option<f64>, Option<f64>, u64)> {
+    let b = histogram_buckets(before, name);
+    let a = histogram_buckets(after, name);
+    if a.is_empty() {
+        return None;
+    }
+    let reset = a
+        .iter()
+        .any(|(le, c)| b.iter().any(|(l, bc)| l == le && bc > c));
+    let delta: Vec<(f64, f64)> = a
+        .iter()
+        .map(|&(le, c)| {
+            let was = if reset {
+                0.0
+            } else {
+                b.iter().find(|(l, _)| *l == le).map_or(0.0, |&(_, v)| v)
+            };
+            (le, c - was)
+        })
+        .collect();
+    let count = delta.last().map_or(0.0, |&(_, c)| c).max(0.0);
+    let top_finite = delta
+        .iter()
+        .rev()
+        .map(|&(le, _)| le)
+        .find(|le| le.is_finite());
+    let quantile = |q: f64| -> Option<f64> {
+        if count < 1.0 {
+            return None;
+        }
+        let rank = (q * count).ceil().max(1.0);
+        let le = delta.iter().find(|&&(_, c)| c >= rank).map(|&(le, _)| le)?;
+        if le.is_finite() {
+            Some(le)
+        } else {
+            top_finite
+        }
+    };
+    Some((quantile(0.5), quantile(0.99), count.round() as u64))
+}
+
+/// The router's figures for one stage: RSS samples and the scheduling histogram's pages
+/// at the stage's start and end.
+fn stage_stats(
+    rss: &[PeakLast],
+    envoy: bool,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> RouterStageStats {
+    let mut st = RouterStageStats::default();
+    if let Some(r) = rss.first() {
+        st.router_rss_mb_peak = r.peak;
+        st.router_rss_mb_end = r.last;
+    }
+    if envoy {
+        if let Some(e) = rss.get(1) {
+            st.envoy_rss_mb_peak = e.peak;
+            st.envoy_rss_mb_end = e.last;
+        }
+    }
+    if let (Some(b), Some(a)) = (before, after) {
+        if let Some((p50, p99, n)) = stage_quantiles(b, a, SCHEDULER_HISTOGRAM) {
+            st.scheduler_p50_us = p50.map(|s| s * 1e6);
+            st.scheduler_p99_us = p99.map(|s| s * 1e6);
+            st.scheduler_decisions = Some(n);
+        }
+    }
+    st
+}
 
 impl<E: std::fmt::Display> From<E> for Skip {
     fn from(e: E) -> Skip {
@@ -804,6 +1170,8 @@ fn start_sim_process(
 struct Setup {
     envoy: Option<infergate_testkit::Envoy>,
     router: Option<Proc>,
+    /// What to sample of the router during the stages (infergate's own routers only).
+    watch: Option<Watch>,
     _sims: Vec<Proc>,
     urls: Vec<String>,
     addresses: Vec<String>,
@@ -852,9 +1220,22 @@ async fn start_router(
     let pool_file = pool_file.display().to_string();
     let worker_urls: Vec<String> = replicas.iter().map(|a| format!("http://{a}")).collect();
     let free = infergate_testkit::free_port;
+    let config_file = scn
+        .picker_config
+        .as_ref()
+        .filter(|_| r.uses_picker_config())
+        .map(|_| picker_config_path(log_dir));
+    if let Some(c) = &config_file {
+        if !c.is_file() {
+            // Normally written (and checked) by run_scenario already.
+            std::fs::write(c, scn.picker_config.as_deref().unwrap_or_default())
+                .map_err(|e| Skip(format!("cannot write {}: {e}", c.display())))?;
+        }
+    }
     let mut setup = Setup {
         envoy: None,
         router: None,
+        watch: None,
         _sims: sims,
         urls: vec![],
         addresses: vec![],
@@ -868,10 +1249,7 @@ async fn start_router(
                 "reference"
             };
             let mut cmd = Command::new(exe()?);
-            cmd.arg("serve")
-                .args(["--listen-address", "127.0.0.1", "--port", "0"])
-                .args(["--pool-file", &pool_file])
-                .args(["--profile", profile])
+            cmd.args(serve_args(&pool_file, profile, config_file.as_deref()))
                 .env("INFERGATE_LOG", "warn");
             let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, true)?;
             let rx = proc.stdout_lines();
@@ -880,6 +1258,11 @@ async fn start_router(
             })?[0];
             addresses.push(addr.to_string());
             setup.urls = vec![format!("http://{addr}")];
+            setup.watch = Some(Watch {
+                router_pid: proc.child.id(),
+                envoy_pid: None,
+                metrics_url: format!("http://{addr}"),
+            });
             setup.router = Some(proc);
         }
         RouterKind::InfergateEppEnvoy => {
@@ -894,21 +1277,34 @@ async fn start_router(
             tracing::debug!(envoy = %binary.display(), "using Envoy");
             let (grpc, health, metrics) = (free(), free(), free());
             let mut cmd = Command::new(exe()?);
-            cmd.arg("epp")
-                .args(["--listen-address", "127.0.0.1"])
-                .args(["--grpc-port", &grpc.to_string()])
-                .args(["--grpc-health-port", &health.to_string()])
-                .args(["--metrics-port", &metrics.to_string()])
-                .args(["--pool-file", &pool_file])
-                .env("INFERGATE_LOG", "warn");
+            cmd.args(epp_args(
+                grpc,
+                health,
+                metrics,
+                &pool_file,
+                config_file.as_deref(),
+            ))
+            .env("INFERGATE_LOG", "warn");
             let mut proc = Proc::spawn(r.name(), &mut cmd, log_dir, false)?;
             let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));
-            if infergate_testkit::wait_for_port(grpc_addr, Duration::from_secs(20))
-                .await
-                .is_err()
-            {
-                return Err(Skip(proc.failure("ext_proc port never opened")));
+            // Until the port opens, 20 s at most; an epp that exits (a config it refuses)
+            // is reported at once with its log.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if infergate_testkit::wait_for_port(grpc_addr, Duration::from_millis(300))
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                if proc.exited().is_some() {
+                    return Err(Skip(proc.failure("exited during start-up")));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Skip(proc.failure("ext_proc port never opened")));
+                }
             }
+            let router_pid = proc.child.id();
             setup.router = Some(proc);
             let envoy = infergate_testkit::Envoy::start(
                 infergate_testkit::EnvoyConfig::new()
@@ -925,6 +1321,11 @@ async fn start_router(
             addresses.push(grpc_addr.to_string());
             addresses.push(envoy.listener_addr().to_string());
             setup.urls = vec![envoy.url()];
+            setup.watch = Some(Watch {
+                router_pid,
+                envoy_pid: Some(envoy.pid()),
+                metrics_url: format!("http://127.0.0.1:{metrics}"),
+            });
             setup.envoy = Some(envoy);
         }
         RouterKind::SglangCacheAware | RouterKind::VllmCacheAware | RouterKind::VllmPowerOfTwo => {
@@ -1019,13 +1420,19 @@ async fn run_real(
     r: RouterKind,
     python: Option<&Path>,
     log_dir: &Path,
-) -> Result<(Vec<RunReport>, Vec<String>), Skip> {
+) -> Result<(Vec<(RunReport, RouterStageStats)>, Vec<String>), RealError> {
     eprintln!(
         "infergate scenario: {}: starting {} replicas and the router",
         r.name(),
         scn.replicas
     );
-    let mut setup = start_router(scn, r, python, log_dir).await?;
+    let mut setup = match start_router(scn, r, python, log_dir).await {
+        Ok(s) => s,
+        Err(Skip(why)) if scn.picker_config.is_some() && r.uses_picker_config() => {
+            return Err(RealError::Fatal(why))
+        }
+        Err(e) => return Err(e.into()),
+    };
     wait_ready(scn, &mut setup).await?;
     let mut cfg = HttpConfig::new(setup.urls.clone(), scn.model());
     cfg.stream = scn.stream;
@@ -1054,10 +1461,33 @@ async fn run_real(
                 bar.set_message(format!("{} errors", p.errors));
             }
         };
+        let (sampler, before) = match &setup.watch {
+            Some(w) => {
+                let pids = std::iter::once(w.router_pid).chain(w.envoy_pid).collect();
+                (
+                    Some(RssSampler::start(pids)),
+                    metrics_page(&w.metrics_url).await,
+                )
+            }
+            None => (None, None),
+        };
         let out = http::run(&cfg, &specs, &on_progress)
             .await
             .map_err(|e| Skip(format!("load generator failed: {e:#}")))?;
         bar.finish_and_clear();
+        let own = match (&setup.watch, sampler) {
+            (Some(w), Some(sampler)) => {
+                let after = metrics_page(&w.metrics_url).await;
+                let rss = sampler.finish();
+                stage_stats(
+                    &rss,
+                    w.envoy_pid.is_some(),
+                    before.as_deref(),
+                    after.as_deref(),
+                )
+            }
+            _ => RouterStageStats::default(),
+        };
         let row = report_row(r.name(), &scn.workload.name(), Some(q), &out);
         let s = &row.summary;
         eprintln!(
@@ -1073,7 +1503,18 @@ async fn run_real(
                 eprintln!("infergate scenario: first error: {e}");
             }
         }
-        rows.push(row);
+        if !own.is_empty() {
+            let f = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
+            eprintln!(
+                "infergate scenario: {what}: router RSS peak {} MiB, end {} MiB; scheduling p50 {} us, p99 {} us over {} decisions",
+                f(own.router_rss_mb_peak, 1),
+                f(own.router_rss_mb_end, 1),
+                f(own.scheduler_p50_us, 0),
+                f(own.scheduler_p99_us, 0),
+                own.scheduler_decisions.map_or("-".into(), |n| n.to_string()),
+            );
+        }
+        rows.push((row, own));
     }
     let addresses = setup.addresses.clone();
     drop(setup);
@@ -1116,4 +1557,169 @@ fn routers_python() -> Result<PathBuf, String> {
         script.display()
     );
     infergate_testkit::peer_routers::run_install_script(&script)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two `/metrics` pages from the real encoder: 10 decisions before the stage, 100
+    /// during it (98 at 20 us, 2 at 1 ms).
+    fn two_pages() -> (String, String) {
+        let m = infergate_metrics::Metrics::new("pool");
+        for _ in 0..10 {
+            m.scheduler_e2e_duration_seconds.observe(3e-6);
+        }
+        let before = m.encode();
+        for _ in 0..98 {
+            m.scheduler_e2e_duration_seconds.observe(20e-6);
+        }
+        for _ in 0..2 {
+            m.scheduler_e2e_duration_seconds.observe(1e-3);
+        }
+        (before, m.encode())
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() <= b * 1e-9)
+    }
+
+    #[test]
+    fn scenario_stage_quantiles_come_from_the_histogram_delta() {
+        let (before, after) = two_pages();
+        assert!(before.contains(SCHEDULER_HISTOGRAM), "{before}");
+        let b = histogram_buckets(&before, SCHEDULER_HISTOGRAM);
+        assert_eq!(b.len(), 21, "20 bounds and +Inf: {b:?}");
+        assert_eq!(b.last().unwrap(), &(f64::INFINITY, 10.0));
+
+        let (p50, p99, n) = stage_quantiles(&before, &after, SCHEDULER_HISTOGRAM).unwrap();
+        assert_eq!(n, 100);
+        // Upper bounds of the buckets: 20 us falls in (16, 32] us, 1 ms in (512, 1024] us.
+        assert!(close(p50, 32e-6), "{p50:?}");
+        assert!(close(p99, 1.024e-3), "{p99:?}");
+
+        // As the report has them, with RSS samples.
+        let rss = [
+            PeakLast {
+                peak: Some(30.0),
+                last: Some(28.5),
+            },
+            PeakLast {
+                peak: Some(50.0),
+                last: Some(49.0),
+            },
+        ];
+        let st = stage_stats(&rss, true, Some(&before), Some(&after));
+        assert!(close(st.scheduler_p50_us, 32.0), "{st:?}");
+        assert!(close(st.scheduler_p99_us, 1024.0), "{st:?}");
+        assert_eq!(st.scheduler_decisions, Some(100));
+        assert_eq!(st.router_rss_mb_peak, Some(30.0));
+        assert_eq!(st.envoy_rss_mb_end, Some(49.0));
+        let serve = stage_stats(&rss[..1], false, Some(&before), Some(&after));
+        assert_eq!(serve.envoy_rss_mb_peak, None);
+
+        // A stage without decisions: a count of 0 and no quantiles.
+        assert_eq!(
+            stage_quantiles(&after, &after, SCHEDULER_HISTOGRAM),
+            Some((None, None, 0))
+        );
+        // A page without the histogram: nothing.
+        assert_eq!(
+            stage_quantiles(&before, "up 1\n", SCHEDULER_HISTOGRAM),
+            None
+        );
+    }
+
+    #[test]
+    fn scenario_stage_quantiles_sum_label_sets_and_cap_at_the_top_bound() {
+        let page = |a: u64, b: u64, inf: u64| {
+            format!(
+                "# TYPE h histogram\n\
+                 h_bucket{{profile=\"x\",le=\"0.001\"}} {a}\n\
+                 h_bucket{{profile=\"x\",le=\"0.01\"}} {b} 1700000000000\n\
+                 h_bucket{{profile=\"x\",le=\"+Inf\"}} {inf}\n\
+                 h_bucket{{profile=\"y\",le=\"0.001\"}} 1\n\
+                 h_bucket{{profile=\"y\",le=\"0.01\"}} 1\n\
+                 h_bucket{{profile=\"y\",le=\"+Inf\"}} 1\n\
+                 h_sum 1.0\nh_count {}\n",
+                inf + 1
+            )
+        };
+        // 10 observations: 5 under 1 ms, 4 more under 10 ms, 1 above the top bound.
+        let (p50, p99, n) = stage_quantiles(&page(0, 0, 0), &page(5, 9, 10), "h").unwrap();
+        assert_eq!(n, 10);
+        assert!(close(p50, 0.001), "{p50:?}");
+        assert!(close(p99, 0.01), "above the top bound reads as it: {p99:?}");
+        // The router restarted (counters went down): the after page counts from zero.
+        let (_, _, n) = stage_quantiles(&page(50, 90, 100), &page(5, 9, 10), "h").unwrap();
+        assert_eq!(n, 11);
+    }
+
+    #[test]
+    fn scenario_picker_config_parses_and_reaches_the_infergate_routers() {
+        let scn = Scenario::from_yaml(
+            "replicas: 2\n\
+             qps: [2]\n\
+             stage_seconds: 5\n\
+             routers: [infergate, infergate-epp-envoy, infergate-reference, round-robin]\n\
+             picker_config: |\n  \
+               apiVersion: inference.networking.x-k8s.io/v1alpha1\n  \
+               kind: EndpointPickerConfig\n  \
+               plugins:\n  \
+               - type: queue-scorer\n",
+            "test",
+        )
+        .unwrap();
+        let text = scn.picker_config.as_deref().unwrap();
+        assert!(text.starts_with("apiVersion: inference.networking.x-k8s.io/v1alpha1\n"));
+        assert!(text.contains("\n- type: queue-scorer\n"), "{text:?}");
+        let uses: Vec<bool> = scn.routers.iter().map(|r| r.uses_picker_config()).collect();
+        assert_eq!(uses, [true, true, false, false]);
+        for peer in [
+            RouterKind::SglangCacheAware,
+            RouterKind::VllmCacheAware,
+            RouterKind::VllmPowerOfTwo,
+        ] {
+            assert!(!peer.uses_picker_config());
+        }
+
+        let cfg = picker_config_path(Path::new("/tmp/out/logs"));
+        let after = |args: &[String], flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].clone())
+        };
+        let serve = serve_args("/p.yaml", "infergate", Some(&cfg));
+        assert_eq!(serve[0], "serve");
+        assert_eq!(
+            after(&serve, "--config-file").as_deref(),
+            Some("/tmp/out/logs/picker-config.yaml")
+        );
+        assert_eq!(after(&serve, "--pool-file").as_deref(), Some("/p.yaml"));
+        // --profile and --config-file exclude each other.
+        assert!(!serve.contains(&"--profile".to_string()), "{serve:?}");
+        let plain = serve_args("/p.yaml", "reference", None);
+        assert_eq!(after(&plain, "--profile").as_deref(), Some("reference"));
+        assert!(!plain.contains(&"--config-file".to_string()));
+
+        let epp = epp_args(1, 2, 3, "/p.yaml", Some(&cfg));
+        assert_eq!(epp[0], "epp");
+        assert_eq!(after(&epp, "--metrics-port").as_deref(), Some("3"));
+        assert_eq!(
+            after(&epp, "--config-file").as_deref(),
+            Some("/tmp/out/logs/picker-config.yaml")
+        );
+        assert!(!epp_args(1, 2, 3, "/p.yaml", None).contains(&"--config-file".to_string()));
+
+        // An empty one is refused.
+        let err = Scenario::from_yaml(
+            "replicas: 2\nqps: [2]\nstage_seconds: 5\nrouters: [infergate]\npicker_config: ''\n",
+            "test",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("picker_config is empty"),
+            "{err:#}"
+        );
+    }
 }

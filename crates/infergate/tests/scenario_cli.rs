@@ -58,7 +58,18 @@ fn real_time_scenario_compares_two_routers_and_cleans_up() {
          qps: [3]\n\
          stage_seconds: 3\n\
          max_seconds: 30\n\
-         routers: [round-robin, infergate]\n",
+         routers: [round-robin, infergate]\n\
+         picker_config: |\n  \
+           apiVersion: inference.networking.x-k8s.io/v1alpha1\n  \
+           kind: EndpointPickerConfig\n  \
+           plugins:\n  \
+           - type: queue-scorer\n  \
+           - type: max-score-picker\n  \
+           schedulingProfiles:\n  \
+           - name: default\n    \
+             plugins:\n    \
+             - pluginRef: queue-scorer\n    \
+             - pluginRef: max-score-picker\n",
         &[],
     );
     let stdout = String::from_utf8_lossy(&res.stdout);
@@ -67,6 +78,24 @@ fn real_time_scenario_compares_two_routers_and_cleans_up() {
     let rows = rows_of(&dir);
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_routers_ok(&rows, &["round-robin", "infergate"]);
+    // The router's own figures: for infergate, not for round robin.
+    for row in &rows {
+        if row["router"] == "infergate" {
+            assert!(row["router_rss_mb_peak"].as_f64().unwrap() > 1.0, "{row}");
+            assert!(row["router_rss_mb_end"].as_f64().unwrap() > 1.0, "{row}");
+            assert!(row["scheduler_decisions"].as_u64().unwrap() > 0, "{row}");
+            assert!(row["scheduler_p50_us"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["scheduler_p99_us"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row.get("envoy_rss_mb_peak").is_none(), "{row}");
+        } else {
+            assert!(row.get("router_rss_mb_peak").is_none(), "{row}");
+            assert!(row.get("scheduler_decisions").is_none(), "{row}");
+        }
+    }
+    assert!(stdout.contains("scheduling p99 (us)"), "{stdout}");
+    // The picker config reached the router as a file.
+    let cfg = std::fs::read_to_string(dir.join("out/logs/picker-config.yaml")).unwrap();
+    assert!(cfg.contains("queue-scorer"), "{cfg}");
     // The table is printed, one row per router.
     assert!(stdout.contains("| round-robin | 3 |"), "{stdout}");
     assert!(stdout.contains("| infergate | 3 |"), "{stdout}");
@@ -203,5 +232,33 @@ fn virtual_mixed_gpu_pool_favours_the_router_that_learns_speeds() {
     };
     let (rr, ig) = (p90("round-robin"), p90("infergate"));
     assert!(ig * 4.0 < rr, "infergate {ig} s vs round robin {rr} s");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_picker_config_the_router_refuses_stops_the_scenario_before_it_starts() {
+    let dir = scratch("badcfg");
+    let t = std::time::Instant::now();
+    let res = run_scenario(
+        &dir,
+        "replicas: 2\nqps: [1]\nstage_seconds: 30\n\
+         routers: [round-robin, infergate]\n\
+         picker_config: |\n  \
+           apiVersion: inference.networking.x-k8s.io/v1alpha1\n  \
+           kind: EndpointPickerConfig\n  \
+           plugins:\n  \
+           - type: no-such-scorer\n",
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(stderr.contains("picker_config"), "{stderr}");
+    assert!(
+        stderr.contains("no-such-scorer"),
+        "the router's own error: {stderr}"
+    );
+    // Before any router ran (round robin's 30 s stage included).
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "{stderr}");
+    assert!(!dir.join("out/report.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
