@@ -6,7 +6,12 @@
 //! replica each, `llama3-8b-h100`, answers always `max_tokens` long) on their own ports, and
 //! the router over them: `infergate serve --endpoints ...`, or `infergate epp --endpoints
 //! ...` behind Envoy (fail closed unless the fault says otherwise; the pool as Envoy's
-//! fallback cluster). An open-loop client sends 10 streamed chat completions per second
+//! fallback cluster). With `--retry on` (the default) the picker returns 3 endpoints per
+//! pick (the built-in profile with `maxNumOfEndpoints: 3`), Envoy routes picked requests
+//! with the `override_host` policy over the pool and retries twice (connect failure,
+//! refused stream, reset, 503) on the next endpoint, and a failed picker exchange is a 503
+//! with a JSON body; `--retry off` is the earlier setup (an `ORIGINAL_DST` cluster, one
+//! endpoint per pick, no retries, Envoy's 500). An open-loop client sends 10 streamed chat completions per second
 //! (`max_tokens` 16) for `--secs` seconds; the fault is injected at a third of the run, on
 //! the replicas that served the most requests so far (see `Rig::by_load`):
 //! - `kill 2 replicas`: SIGKILL two sim processes;
@@ -26,7 +31,7 @@
 //! ```sh
 //! cargo build --release -p infergate --bin infergate --example fault_matrix
 //! target/release/examples/fault_matrix [--mode serve|epp|both] [--secs 16]
-//!     [--faults baseline,kill,hang,garbage,drop,restart] [--down-ms 1000]
+//!     [--faults baseline,kill,hang,garbage,drop,restart] [--down-ms 1000] [--retry on|off]
 //! ```
 
 use std::collections::BTreeMap;
@@ -36,6 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use infergate_testkit::envoy::{PickedCluster, RetryPolicy};
 use infergate_testkit::{free_port, wait_for_port, Envoy, EnvoyConfig, HttpClient};
 
 const REPLICAS: usize = 6;
@@ -46,6 +52,8 @@ const MODEL: &str = "fm";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// A fault counts as recovered from at the start of a window this long where all succeeded.
 const CLEAN_WINDOW: Duration = Duration::from_secs(2);
+/// Endpoints per pick (primary plus fallbacks) with `--retry on`.
+const ENDPOINTS_PER_PICK: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -152,6 +160,8 @@ struct Rig {
     restarts: u32,
     /// How long the router stays down when restarted.
     down: Duration,
+    /// The picker's `--config-file`, when it is not the built-in profile.
+    epp_config: Option<PathBuf>,
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
@@ -188,18 +198,22 @@ fn start_epp(
     dir: &Path,
     ports: [u16; 3],
     replicas: &[SocketAddr],
+    config: Option<&Path>,
     n: u32,
 ) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["epp", "--listen-address", "127.0.0.1"])
+        .args(["--grpc-port", &ports[0].to_string()])
+        .args(["--grpc-health-port", &ports[1].to_string()])
+        .args(["--metrics-port", &ports[2].to_string()])
+        .args(["--endpoints", &endpoints_arg(replicas)])
+        .args(["--seed", "1"]);
+    if let Some(config) = config {
+        cmd.arg("--config-file").arg(config);
+    }
     Proc::spawn(
         "infergate epp",
-        Command::new(bin)
-            .args(["epp", "--listen-address", "127.0.0.1"])
-            .args(["--grpc-port", &ports[0].to_string()])
-            .args(["--grpc-health-port", &ports[1].to_string()])
-            .args(["--metrics-port", &ports[2].to_string()])
-            .args(["--endpoints", &endpoints_arg(replicas)])
-            .args(["--seed", "1"])
-            .env("INFERGATE_LOG", "warn")
+        cmd.env("INFERGATE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log_file(dir, &format!("epp-{n}.log"))?),
     )
@@ -216,6 +230,7 @@ impl Rig {
         mode: Mode,
         fault: Fault,
         down: Duration,
+        retry: bool,
     ) -> anyhow::Result<Rig> {
         let dir = root.join(format!(
             "{mode:?}-{}",
@@ -243,6 +258,7 @@ impl Rig {
             wait_for_port(*addr, Duration::from_secs(20)).await?;
             sim.check_alive()?;
         }
+        let mut epp_config = None;
         let router = match mode {
             Mode::Serve => {
                 let port = free_port();
@@ -256,18 +272,41 @@ impl Rig {
             }
             Mode::Epp => {
                 let ports = [free_port(), free_port(), free_port()];
-                let mut proc = start_epp(bin, &dir, ports, &replicas, 0)?;
+                if retry {
+                    // The built-in profile, its picker returning fallback endpoints too.
+                    let yaml = infergate_api::config::INFERGATE_PROFILE_YAML.replacen(
+                        "- type: max-score-picker\n",
+                        &format!(
+                            "- type: max-score-picker\n  parameters: {{maxNumOfEndpoints: {ENDPOINTS_PER_PICK}}}\n"
+                        ),
+                        1,
+                    );
+                    anyhow::ensure!(
+                        yaml.contains("maxNumOfEndpoints"),
+                        "the built-in profile has no max-score-picker line to extend"
+                    );
+                    let path = dir.join("picker.yaml");
+                    std::fs::write(&path, yaml)?;
+                    epp_config = Some(path);
+                }
+                let mut proc = start_epp(bin, &dir, ports, &replicas, epp_config.as_deref(), 0)?;
                 wait_for_port(local(ports[0]), Duration::from_secs(20)).await?;
                 proc.check_alive()?;
                 let fail_open = fault == Fault::RestartRouter { fail_open: true };
-                let envoy = Envoy::start(
-                    EnvoyConfig::new()
-                        .ext_proc(local(ports[0]))
-                        .failure_mode_allow(fail_open)
-                        .ext_proc_health_check(fail_open.then_some(Duration::from_millis(200)))
-                        .pool(replicas.iter().copied()),
-                )
-                .await?;
+                let mut cfg = EnvoyConfig::new()
+                    .ext_proc(local(ports[0]))
+                    .failure_mode_allow(fail_open)
+                    .ext_proc_health_check(fail_open.then_some(Duration::from_millis(200)))
+                    .pool(replicas.iter().copied());
+                cfg = if retry {
+                    cfg.picked_cluster(PickedCluster::OverrideHost)
+                        .retry_policy(Some(RetryPolicy::default()))
+                        .status_on_error(503)
+                } else {
+                    cfg.picked_cluster(PickedCluster::OriginalDst)
+                        .retry_policy(None)
+                };
+                let envoy = Envoy::start(cfg).await?;
                 Router::Epp { proc, ports, envoy }
             }
         };
@@ -281,6 +320,7 @@ impl Rig {
             replicas,
             restarts: 0,
             down,
+            epp_config,
         })
     }
 
@@ -312,7 +352,14 @@ impl Rig {
             Router::Epp { proc, ports, .. } => {
                 proc.kill();
                 tokio::time::sleep(self.down).await;
-                *proc = start_epp(&self.bin, &self.dir, *ports, &self.replicas, self.restarts)?;
+                *proc = start_epp(
+                    &self.bin,
+                    &self.dir,
+                    *ports,
+                    &self.replicas,
+                    self.epp_config.as_deref(),
+                    self.restarts,
+                )?;
                 wait_for_port(local(ports[0]), Duration::from_secs(20)).await?;
             }
         }
@@ -563,8 +610,9 @@ async fn run_one(
     fault: Fault,
     secs: f64,
     down: Duration,
+    retry: bool,
 ) -> anyhow::Result<Row> {
-    let mut rig = Rig::start(bin, root, mode, fault, down).await?;
+    let mut rig = Rig::start(bin, root, mode, fault, down, retry).await?;
     let url = rig.url();
     let total = Duration::from_secs_f64(secs);
     let fault_at = total / 3;
@@ -619,6 +667,34 @@ async fn run_one(
         note.push_str(&format!(
             "failed requests were sent from {first:+.1} s to {last:+.1} s after the fault"
         ));
+    }
+    if let Router::Epp { envoy, .. } = &rig.router {
+        // What Envoy's retries did, over both routes' clusters.
+        let stats = envoy.stats("upstream_rq_retry").await.unwrap_or_default();
+        let sum = |name: &str| -> u64 {
+            stats
+                .lines()
+                .filter(|l| {
+                    l.split(':')
+                        .next()
+                        .is_some_and(|n| n.trim().ends_with(name) && !n.contains("ext_proc"))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+                .sum()
+        };
+        let (retries, succeeded, overflow) = (
+            sum(".upstream_rq_retry"),
+            sum(".upstream_rq_retry_success"),
+            sum(".upstream_rq_retry_overflow"),
+        );
+        if retries + overflow > 0 {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(&format!(
+                "Envoy retried {retries} time(s), {succeeded} succeeded, {overflow} refused by the retry circuit breaker"
+            ));
+        }
     }
     let recover = if fault == Fault::Baseline {
         "-".to_owned()
@@ -721,6 +797,11 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("--down-ms {s:?}: expected milliseconds"))?,
         None => 1000,
     });
+    let retry = match arg("--retry").as_deref().unwrap_or("on") {
+        "on" => true,
+        "off" => false,
+        other => anyhow::bail!("--retry {other:?}: expected on or off"),
+    };
     let only: Option<Vec<String>> =
         arg("--faults").map(|s| s.split(',').map(str::to_owned).collect());
     let bin = infergate_testkit::release_infergate()?;
@@ -755,16 +836,24 @@ async fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64(),
                 fault.label(mode)
             );
-            match run_one(&bin, &root, mode, fault, secs, down).await {
+            match run_one(&bin, &root, mode, fault, secs, down, retry).await {
                 Ok(row) => rows.push(row),
                 Err(e) => failed.push((mode, fault, format!("{e:#}"))),
             }
         }
     }
     println!(
-        "fault_matrix: {REPLICAS} sim replicas, {RATE_PER_SEC} req/s of streamed chat completions (max_tokens {MAX_TOKENS}) for {secs} s per row, fault at {:.1} s, request timeout {REQUEST_TIMEOUT:?}, router down {down:?} on restart; took {:.0} s\n",
+        "fault_matrix: {REPLICAS} sim replicas, {RATE_PER_SEC} req/s of streamed chat completions (max_tokens {MAX_TOKENS}) for {secs} s per row, fault at {:.1} s, request timeout {REQUEST_TIMEOUT:?}, router down {down:?} on restart; took {:.0} s",
         secs / 3.0,
         started.elapsed().as_secs_f64()
+    );
+    println!(
+        "epp behind Envoy: {}\n",
+        if retry {
+            "--retry on: picker returns 3 endpoints per pick; override_host cluster, 2 retries (connect-failure, refused-stream, reset, 503) on the next endpoint; status_on_error 503 with a JSON body"
+        } else {
+            "--retry off: ORIGINAL_DST cluster, 1 endpoint per pick, no retries, Envoy's 500 on a failed picker exchange"
+        }
     );
     print_table(&rows, &failed);
     println!("\nlogs (sims, router) in {}", root.display());

@@ -384,11 +384,27 @@ async fn fail_open_keeps_serving_without_the_picker_and_fail_close_refuses() {
         rig.epp.kill();
         tokio::time::sleep(Duration::from_millis(1000)).await;
         for i in 0..5 {
-            let (status, _, _) = send(&rig, &[], completion("m", &format!("down {i}"))).await;
+            let (status, _, body) = send(&rig, &[], completion("m", &format!("down {i}"))).await;
             if allow {
                 assert_eq!(status, 200, "FailOpen must keep answering");
             } else {
                 assert!(status >= 500, "FailClose must refuse, got {status}");
+                // Not Envoy's bare, empty 500: a JSON error that names the picker.
+                let text = String::from_utf8_lossy(&body);
+                let v: serde_json::Value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("FailClose body is not JSON ({e}): {text:?}"));
+                assert_eq!(
+                    v["error"]["type"],
+                    infergate_testkit::envoy::PICKER_UNAVAILABLE_TYPE,
+                    "{text}"
+                );
+                assert_eq!(v["error"]["code"], status, "{text}");
+                assert!(
+                    v["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("endpoint picker is unavailable")),
+                    "{text}"
+                );
             }
         }
     }

@@ -8,6 +8,19 @@
 //! the address in that header. Any other request goes to a round-robin cluster of the pool's
 //! endpoints, which is what a gateway does when the picker is down and the filter fails open.
 //!
+//! Both routes retry (by default twice) when a connection fails, is reset before the
+//! response starts, or the server answers 503: see [`RetryPolicy`]. With the default
+//! `ORIGINAL_DST` cluster a retry can only go back to the same address, because that cluster
+//! connects to whatever the header names (and it reads the header as one address, so it
+//! cannot take the picker's `primary,fallback,...` list either);
+//! [`PickedCluster::OverrideHost`] instead routes over the pool's endpoints with Envoy's
+//! `override_host` load-balancing policy, which tries the picker's primary first, then its
+//! fallback endpoints in order on retries, then any other pool endpoint not tried yet.
+//!
+//! When the ext_proc exchange fails and the filter fails closed, Envoy's own answer is an
+//! empty 500; the generated config gives it a JSON error body saying that the endpoint
+//! picker is unavailable (and [`EnvoyConfig::status_on_error`] can make it a 503).
+//!
 //! Envoy reaches the picker over TLS without verifying its certificate by default, as GIE
 //! gateways do with the reference picker's self-signed certificate.
 
@@ -28,6 +41,36 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 
 /// Room for 20 MB request bodies plus headroom, on the listener and every cluster.
 const BUFFER_LIMIT_BYTES: u32 = 64 * 1024 * 1024;
+
+/// The `error.type` of the body Envoy answers with when the ext_proc exchange fails.
+pub const PICKER_UNAVAILABLE_TYPE: &str = "EndpointPickerUnavailable";
+
+/// The HTTP connection manager's `local_reply_config`: a JSON body, in the picker's error
+/// format, for the local replies of a failed ext_proc exchange (status unchanged).
+const EXT_PROC_ERROR_REPLY: &str = r#"          local_reply_config:
+            mappers:
+            - filter:
+                extension_filter:
+                  name: envoy.access_loggers.extension_filters.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                    expression: "response.code_details.startsWith('ext_proc_error')"
+              body_format_override:
+                content_type: application/json
+                json_format:
+                  error:
+                    message: "the endpoint picker is unavailable, so the gateway could not choose a model server for this request; try again shortly"
+                    type: EndpointPickerUnavailable
+                    code: "%RESPONSE_CODE%"
+                    details: "%RESPONSE_CODE_DETAILS%"
+"#;
+
+/// The upstream clusters' circuit breakers. Envoy allows only 3 retries in flight per
+/// cluster by default (`max_retries`); a replica that dies with more requests than that in
+/// flight, or new requests still picked for it, then overflows the limit
+/// (`upstream_rq_retry_overflow`) and those clients get 503s. 1024 is Envoy Gateway's
+/// default for every threshold; the others keep Envoy's defaults (1024 already).
+const CIRCUIT_BREAKERS: &str = "    circuit_breakers: {thresholds: [{max_retries: 1024}]}\n";
 
 /// How Envoy hands a request or response body to the ext_proc server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,8 +112,83 @@ enum ExtProcTls {
     TrustedCa(PathBuf),
 }
 
+/// Which cluster serves a request that carries the picker's destination header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PickedCluster {
+    /// An `ORIGINAL_DST` cluster with `use_http_header`, as the GIE reference config and
+    /// most gateways (kgateway, Envoy AI Gateway): it connects to any address the header
+    /// names, but reads the header as ONE address (a `primary,fallback,...` list does not
+    /// parse and the request fails with 503), and a retry goes back to that same address.
+    OriginalDst,
+    /// A cluster of the pool's endpoints with the `envoy.load_balancing_policies.override_host`
+    /// policy reading the header: the first attempt goes to the picker's primary, each retry
+    /// to its next fallback endpoint, and once they are used up (or when one is not in the
+    /// pool) to a round-robin pick among the pool endpoints not tried yet. Only endpoints
+    /// given to [`EnvoyConfig::pool`] can be reached. The host that served is put in the
+    /// `envoy.lb` metadata as `x-gateway-destination-endpoint-served`.
+    OverrideHost,
+}
+
+/// Envoy's route retry policy, on both routes. A retry is only possible before the response
+/// has started (Envoy never retries once it has sent response headers to the client), so a
+/// stream that breaks midway is still cut; what retries save are the requests in flight to
+/// a replica that dies before answering, and connections refused by a dead one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (Envoy's `num_retries`).
+    pub retries: u32,
+    /// Envoy's `retry_on` conditions, comma-separated.
+    pub retry_on: String,
+    /// The statuses retried under `retriable-status-codes`.
+    pub retriable_status_codes: Vec<u16>,
+    /// Skip hosts already tried (the `previous_hosts` retry host predicate). It applies to
+    /// round-robin picks: the pool fallback route, and the override-host cluster once the
+    /// picker's endpoints are used up. An `ORIGINAL_DST` cluster ignores it.
+    pub avoid_previous_hosts: bool,
+}
+
+impl Default for RetryPolicy {
+    /// Two retries on `connect-failure,refused-stream,reset,retriable-status-codes` with 503
+    /// retriable, avoiding hosts already tried.
+    fn default() -> Self {
+        RetryPolicy {
+            retries: 2,
+            retry_on: "connect-failure,refused-stream,reset,retriable-status-codes".to_owned(),
+            retriable_status_codes: vec![503],
+            avoid_previous_hosts: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The route's `retry_policy` YAML, as one flow mapping.
+    fn to_yaml(&self) -> String {
+        let mut y = format!(
+            "{{retry_on: \"{}\", num_retries: {}",
+            self.retry_on, self.retries
+        );
+        if !self.retriable_status_codes.is_empty() {
+            let codes: Vec<String> = self
+                .retriable_status_codes
+                .iter()
+                .map(u16::to_string)
+                .collect();
+            let _ = write!(y, ", retriable_status_codes: [{}]", codes.join(", "));
+        }
+        if self.avoid_previous_hosts {
+            y.push_str(
+                ", retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}], host_selection_retry_max_attempts: 5",
+            );
+        }
+        y.push('}');
+        y
+    }
+}
+
 /// What to put in the generated Envoy config. Build with [`EnvoyConfig::new`] and the
-/// chained setters; every setting has the GIE reference value as its default.
+/// chained setters; every setting has the GIE reference value as its default, except the
+/// route retry policy (the reference config has none) and the JSON body of a failed
+/// ext_proc exchange (the reference config leaves it empty).
 #[derive(Clone, Debug)]
 pub struct EnvoyConfig {
     ext_proc: Option<SocketAddr>,
@@ -84,6 +202,9 @@ pub struct EnvoyConfig {
     forward_lb_metadata: bool,
     response_attributes: Vec<String>,
     pool: Vec<SocketAddr>,
+    picked_cluster: PickedCluster,
+    retry_policy: Option<RetryPolicy>,
+    status_on_error: Option<u16>,
     route_timeout: Duration,
     listener_port: u16,
     concurrency: u32,
@@ -100,8 +221,10 @@ impl EnvoyConfig {
     /// Defaults: no ext_proc filter until [`EnvoyConfig::ext_proc`] is called; the picker
     /// reached over TLS without certificate verification; both bodies
     /// FULL_DUPLEX_STREAMED; fail closed; message timeout 1000 s; `envoy.lb` metadata
-    /// forwarded; `upstream.address` asked for on the response path; empty pool; route
-    /// timeout 60 s; listener on a port Envoy picks; one worker thread; log level info.
+    /// forwarded; `upstream.address` asked for on the response path; empty pool; picked
+    /// requests to an `ORIGINAL_DST` cluster; [`RetryPolicy::default`] on both routes; Envoy's
+    /// own status (500) when the ext_proc exchange fails, with a JSON body; route timeout
+    /// 60 s; listener on a port Envoy picks; one worker thread; log level info.
     pub fn new() -> Self {
         EnvoyConfig {
             ext_proc: None,
@@ -115,6 +238,9 @@ impl EnvoyConfig {
             forward_lb_metadata: true,
             response_attributes: vec!["upstream.address".to_owned()],
             pool: Vec::new(),
+            picked_cluster: PickedCluster::OriginalDst,
+            retry_policy: Some(RetryPolicy::default()),
+            status_on_error: None,
             route_timeout: Duration::from_secs(60),
             listener_port: 0,
             concurrency: 1,
@@ -215,6 +341,27 @@ impl EnvoyConfig {
         self
     }
 
+    /// Which cluster serves picked requests (default [`PickedCluster::OriginalDst`]).
+    pub fn picked_cluster(mut self, cluster: PickedCluster) -> Self {
+        self.picked_cluster = cluster;
+        self
+    }
+
+    /// The retry policy of both routes (default [`RetryPolicy::default`]; `None`: no
+    /// retries, as the GIE reference config).
+    pub fn retry_policy(mut self, policy: Option<RetryPolicy>) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+
+    /// The status Envoy answers when the ext_proc exchange fails and the filter fails
+    /// closed (Envoy's `status_on_error`; default unset, which Envoy answers with 500). The
+    /// body is a JSON error saying that the endpoint picker is unavailable either way.
+    pub fn status_on_error(mut self, status: u16) -> Self {
+        self.status_on_error = Some(status);
+        self
+    }
+
     /// Per-request timeout of both routes (default 60 s; zero means none).
     pub fn route_timeout(mut self, timeout: Duration) -> Self {
         self.route_timeout = timeout;
@@ -271,15 +418,27 @@ static_resources:
               - match:
                   prefix: "/"
                   headers: [{{name: {dest}, present_match: true}}]
-                route: {{cluster: picked_endpoint, timeout: {route_timeout}}}
+                route: {{cluster: picked_endpoint, timeout: {route_timeout}{retry}}}
               - match: {{prefix: "/"}}
-                route: {{cluster: pool_fallback, timeout: {route_timeout}}}
-          http_filters:
+                route: {{cluster: pool_fallback, timeout: {route_timeout}{retry}}}
 "#,
             port = self.listener_port,
             limit = BUFFER_LIMIT_BYTES,
             dest = DESTINATION_HEADER,
+            retry = match &self.retry_policy {
+                Some(policy) if policy.retries > 0 =>
+                    format!(", retry_policy: {}", policy.to_yaml()),
+                _ => String::new(),
+            },
         );
+        if self.ext_proc.is_some() {
+            // Envoy answers a failed ext_proc exchange with an empty body; give it one that
+            // says what happened, in the picker's own error format. The CEL filter matches
+            // only Envoy's ext_proc failures (response code details `ext_proc_error_...`),
+            // not the picker's immediate responses, whose bodies pass through untouched.
+            y.push_str(EXT_PROC_ERROR_REPLY);
+        }
+        y.push_str("          http_filters:\n");
         if self.ext_proc.is_some() {
             let _ = write!(
                 y,
@@ -289,7 +448,7 @@ static_resources:
               grpc_service:
                 envoy_grpc: {{cluster_name: ext_proc}}
               failure_mode_allow: {allow}
-              message_timeout: {msg_timeout}
+              message_timeout: {msg_timeout}{status_on_error}
               processing_mode:
                 request_header_mode: SEND
                 response_header_mode: SEND
@@ -300,6 +459,10 @@ static_resources:
 "#,
                 allow = self.failure_mode_allow,
                 msg_timeout = secs(self.message_timeout),
+                status_on_error = match self.status_on_error {
+                    Some(code) => format!("\n              status_on_error: {{code: {code}}}"),
+                    None => String::new(),
+                },
                 req_body = self.request_body_mode.as_envoy(),
                 resp_body = self.response_body_mode.as_envoy(),
                 req_trailer = self.request_body_mode.trailer_mode(),
@@ -363,26 +526,67 @@ static_resources:
             );
         }
         let endpoints: Vec<String> = self.pool.iter().map(|a| lb_endpoint(*a)).collect();
-        let _ = write!(
-            y,
-            r#"  - name: picked_endpoint
+        match self.picked_cluster {
+            PickedCluster::OriginalDst => {
+                let _ = write!(
+                    y,
+                    r#"  - name: picked_endpoint
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 2s
     per_connection_buffer_limit_bytes: {limit}
     original_dst_lb_config: {{use_http_header: true, http_header_name: {dest}}}
-  - name: pool_fallback
+{breakers}"#,
+                    limit = BUFFER_LIMIT_BYTES,
+                    dest = DESTINATION_HEADER,
+                    breakers = CIRCUIT_BREAKERS,
+                );
+            }
+            PickedCluster::OverrideHost => {
+                let _ = write!(
+                    y,
+                    r#"  - name: picked_endpoint
+    type: STATIC
+    connect_timeout: 2s
+    per_connection_buffer_limit_bytes: {limit}
+{breakers}    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources: [{{header: {dest}}}]
+            selected_host_key: {{key: envoy.lb, path: [{{key: {dest}-served}}]}}
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config: {{"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}}
+    load_assignment:
+      cluster_name: picked_endpoint
+      endpoints: [{{lb_endpoints: [{endpoints}]}}]
+"#,
+                    limit = BUFFER_LIMIT_BYTES,
+                    dest = DESTINATION_HEADER,
+                    endpoints = endpoints.join(", "),
+                    breakers = CIRCUIT_BREAKERS,
+                );
+            }
+        }
+        let _ = write!(
+            y,
+            r#"  - name: pool_fallback
     type: STATIC
     lb_policy: ROUND_ROBIN
     connect_timeout: 2s
     per_connection_buffer_limit_bytes: {limit}
-    load_assignment:
+{breakers}    load_assignment:
       cluster_name: pool_fallback
       endpoints: [{{lb_endpoints: [{endpoints}]}}]
 "#,
             limit = BUFFER_LIMIT_BYTES,
-            dest = DESTINATION_HEADER,
             endpoints = endpoints.join(", "),
+            breakers = CIRCUIT_BREAKERS,
         );
         y
     }
@@ -814,4 +1018,44 @@ fn run_install_script(venv: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_body_names_the_documented_type() {
+        assert!(EXT_PROC_ERROR_REPLY.contains(&format!("type: {PICKER_UNAVAILABLE_TYPE}\n")));
+    }
+
+    #[test]
+    fn retries_and_the_override_host_cluster_are_where_asked() {
+        let pool = [SocketAddr::from((Ipv4Addr::LOCALHOST, 18001))];
+        let picker = SocketAddr::from((Ipv4Addr::LOCALHOST, 18002));
+        let default = EnvoyConfig::new().ext_proc(picker).pool(pool).to_yaml();
+        assert_eq!(default.matches("retry_policy:").count(), 2, "{default}");
+        assert!(default.contains("type: ORIGINAL_DST"), "{default}");
+        assert!(default.contains("local_reply_config"), "{default}");
+        assert!(!default.contains("status_on_error"), "{default}");
+        let off = EnvoyConfig::new()
+            .ext_proc(picker)
+            .pool(pool)
+            .retry_policy(None)
+            .to_yaml();
+        assert!(!off.contains("retry_policy:"), "{off}");
+        let over = EnvoyConfig::new()
+            .ext_proc(picker)
+            .pool(pool)
+            .picked_cluster(PickedCluster::OverrideHost)
+            .status_on_error(503)
+            .to_yaml();
+        assert!(!over.contains("ORIGINAL_DST"), "{over}");
+        assert!(
+            over.contains("envoy.load_balancing_policies.override_host"),
+            "{over}"
+        );
+        assert!(over.contains("status_on_error: {code: 503}"), "{over}");
+        assert_eq!(over.matches("max_retries: 1024").count(), 2, "{over}");
+    }
 }
