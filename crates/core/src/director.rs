@@ -535,7 +535,8 @@ impl Director {
         // Steer around endpoints past their saturation threshold (plus headroom) when any
         // others remain after the profile's filters.
         let limit = 1.0 + sat.headroom;
-        let avoid = |i: usize| utilisation[i] >= limit;
+        // Likewise endpoints whose recent responses kept ending broken.
+        let avoid = |i: usize| utilisation[i] >= limit || views[i].endpoint.avoided(now);
         let timer = self
             .plugin_timing
             .as_ref()

@@ -90,6 +90,21 @@ pub struct Endpoint {
     inflight_tokens: AtomicU64,
     /// Prefill queued here by this picker and the endpoint's observed speed.
     latency: EndpointLatency,
+    outlier: Outlier,
+}
+
+/// Responses that ended broken in a row before an endpoint is avoided (as Envoy's outlier
+/// detection counts five consecutive 5xx).
+pub const BROKEN_RESPONSES_TO_AVOID: u32 = 5;
+/// How long an endpoint with that many broken responses in a row is avoided.
+pub const AVOID_FOR: Duration = Duration::from_secs(10);
+
+/// Consecutive broken responses and, once there were enough, until when to avoid the
+/// endpoint. Nanoseconds of the caller's clock, plus one; 0 for not avoided.
+#[derive(Debug, Default)]
+struct Outlier {
+    broken_in_a_row: AtomicU32,
+    avoid_until_nanos: AtomicU64,
 }
 
 /// Lock-free copies of the scraped numbers the scheduler reads on every request. Fields
@@ -130,7 +145,35 @@ impl Endpoint {
             inflight_requests: AtomicU64::new(0),
             inflight_tokens: AtomicU64::new(0),
             latency: EndpointLatency::default(),
+            outlier: Outlier::default(),
         }
+    }
+
+    /// A response served here has ended at `now`: `complete` when it reached its end with a
+    /// status below 500, not when it was cut off, reset or answered 5xx. Returns how long the
+    /// endpoint will be avoided when this response made it [`BROKEN_RESPONSES_TO_AVOID`] in
+    /// a row.
+    pub fn response_ended(&self, complete: bool, now: Duration) -> Option<Duration> {
+        let o = &self.outlier;
+        if complete {
+            o.broken_in_a_row.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let n = o.broken_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < BROKEN_RESPONSES_TO_AVOID {
+            return None;
+        }
+        o.broken_in_a_row.store(0, Ordering::Relaxed);
+        let until = now.saturating_add(AVOID_FOR).as_nanos() as u64 + 1;
+        o.avoid_until_nanos.store(until, Ordering::Relaxed);
+        Some(AVOID_FOR)
+    }
+
+    /// Whether recent responses from here ended broken often enough that the scheduler
+    /// should send requests elsewhere while any other candidate remains.
+    pub fn avoided(&self, now: Duration) -> bool {
+        let until = self.outlier.avoid_until_nanos.load(Ordering::Relaxed);
+        until > 0 && (now.as_nanos() as u64) < until - 1
     }
 
     /// Record a successful scrape taken at `now`.

@@ -364,3 +364,54 @@ fn strict_models_refuses_unknown_names_with_404() {
         "llama-v1"
     );
 }
+
+#[test]
+fn an_endpoint_whose_responses_keep_ending_broken_is_avoided_for_a_while() {
+    // Port 1 is the obvious choice on load; port 2 has a queue.
+    let ds = mk_pool(&[(1, 0, 0.1), (2, 3, 0.1)]);
+    let d = Director::new(ds.clone(), SchedulerConfig::default());
+    let mut rng = SmallRng::seed_from_u64(7);
+    let body = completion("m", "hello");
+    let pick = |d: &Director, rng: &mut SmallRng, now| {
+        d.decide(&input(&body), now, rng).unwrap().endpoints[0]
+    };
+    assert_eq!(pick(&d, &mut rng, NOW), addr(1));
+    let one = ds.snapshot().endpoint(addr(1)).unwrap().clone();
+    // Four broken responses, then a complete one: the run starts over.
+    for _ in 0..4 {
+        assert_eq!(one.response_ended(false, NOW), None);
+    }
+    assert_eq!(one.response_ended(true, NOW), None);
+    assert_eq!(pick(&d, &mut rng, NOW), addr(1));
+    // Five in a row: avoided while port 2 remains, for ten seconds.
+    for _ in 0..4 {
+        assert_eq!(one.response_ended(false, NOW), None);
+    }
+    assert_eq!(
+        one.response_ended(false, NOW),
+        Some(infergate_core::endpoint::AVOID_FOR)
+    );
+    assert_eq!(pick(&d, &mut rng, NOW), addr(2));
+    assert_eq!(pick(&d, &mut rng, NOW + Duration::from_secs(9)), addr(2));
+    // Ten seconds on, with fresh metrics saying the same, port 1 is back.
+    let later = NOW + Duration::from_secs(11);
+    for (port, waiting) in [(1, 0), (2, 3)] {
+        ds.snapshot().endpoint(addr(port)).unwrap().set_metrics(
+            EndpointMetrics {
+                waiting,
+                kv_cache_usage: Some(0.1),
+                ..Default::default()
+            },
+            later,
+        );
+    }
+    assert_eq!(pick(&d, &mut rng, later), addr(1));
+    // Avoided, but the only endpoint left: still used rather than refusing.
+    ds.set_endpoints(vec![EndpointSpec::new(addr(1), Engine::Vllm)]);
+    let again = ds.snapshot().endpoint(addr(1)).unwrap().clone();
+    for _ in 0..5 {
+        again.response_ended(false, NOW);
+    }
+    assert!(again.avoided(NOW));
+    assert_eq!(pick(&d, &mut rng, NOW), addr(1));
+}

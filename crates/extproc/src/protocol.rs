@@ -172,6 +172,8 @@ struct ResponseState {
     sse_usage: SseUsage,
     first_byte_at: Option<Duration>,
     finished: bool,
+    /// The response's status, once its headers came.
+    status: u16,
 }
 
 /// One HTTP request/response through the picker.
@@ -578,6 +580,7 @@ impl Exchange {
             }
         }
         self.resp.started = true;
+        self.resp.status = status;
         let mut set_headers = Vec::new();
         let mut remove_headers = Vec::new();
         if let Some(d) = self.decision.as_mut() {
@@ -743,6 +746,9 @@ impl Exchange {
             return;
         }
         self.resp.finished = true;
+        if self.resp.started {
+            self.response_ended(self.resp.status < 500);
+        }
         let Some(labels) = self.labels.clone() else {
             return;
         };
@@ -787,6 +793,23 @@ impl Exchange {
         self.release();
     }
 
+    /// Tell the serving endpoint how its response ended. A response cut off after its
+    /// headers counts as broken; so, unavoidably, does one whose client went away, which
+    /// ext_proc cannot tell apart. Only runs of broken responses make an endpoint avoided.
+    fn response_ended(&self, complete: bool) {
+        let Some(d) = &self.decision else { return };
+        let ep = d.inflight.endpoint();
+        if let Some(for_) = ep.response_ended(complete, (self.ctx.clock)()) {
+            tracing::warn!(
+                endpoint = %ep.spec.addr,
+                avoided_for = ?for_,
+                "{} responses in a row from this endpoint ended broken (cut off after their \
+                 headers, or 5xx); sending requests elsewhere while other endpoints remain",
+                infergate_core::endpoint::BROKEN_RESPONSES_TO_AVOID
+            );
+        }
+    }
+
     fn release(&mut self) {
         if let (Some(labels), Some(_)) = (&self.labels, self.decision.take()) {
             self.ctx
@@ -808,6 +831,9 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         // Stream reset, timeout or gateway gone: the request is over either way.
+        if self.resp.started && !self.resp.finished {
+            self.response_ended(false);
+        }
         self.release();
     }
 }

@@ -18,37 +18,13 @@ use std::time::Duration;
 use common::{Epp, Sim};
 use futures::future::join_all;
 use infergate_testkit::envoy::{PickedCluster, RetryPolicy, PICKER_UNAVAILABLE_TYPE};
-use infergate_testkit::{free_port, post_json, Envoy, EnvoyConfig, HttpClient};
+use infergate_testkit::{post_json, Envoy, EnvoyConfig, HttpClient};
 
 const MODEL: &str = "fm";
 
 /// Three `infergate sim` processes, one replica each, so that one can be killed alone.
 fn start_sims() -> Vec<Sim> {
-    (0..3)
-        .map(|i| {
-            let port = free_port().to_string();
-            let seed = i.to_string();
-            Sim::start(
-                &[
-                    "--replicas",
-                    "1",
-                    "--port",
-                    &port,
-                    "--profile",
-                    "llama3-8b-h100",
-                    "--time-scale",
-                    "1",
-                    "--served-model-name",
-                    MODEL,
-                    "--eos",
-                    "never",
-                    "--seed",
-                    &seed,
-                ],
-                1,
-            )
-        })
-        .collect()
+    common::start_sims(MODEL, &[&[], &[], &[]])
 }
 
 /// The built-in `infergate` profile, its picker returning `endpoints` endpoints (primary

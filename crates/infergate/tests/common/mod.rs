@@ -481,6 +481,38 @@ impl Drop for Sim {
     }
 }
 
+/// One `infergate sim` process per entry of `extra` (one replica each, so that each can
+/// be killed or faulted alone), serving `model` in real time on the 8B H100 profile with
+/// endless answers bounded by `max_tokens`; `extra[i]` adds flags to process `i`.
+pub fn start_sims(model: &str, extra: &[&[&str]]) -> Vec<Sim> {
+    extra
+        .iter()
+        .enumerate()
+        .map(|(i, more)| {
+            let port = free_port().to_string();
+            let seed = i.to_string();
+            let mut args = vec![
+                "--replicas",
+                "1",
+                "--port",
+                &port,
+                "--profile",
+                "llama3-8b-h100",
+                "--time-scale",
+                "1",
+                "--served-model-name",
+                model,
+                "--eos",
+                "never",
+                "--seed",
+                &seed,
+            ];
+            args.extend_from_slice(more);
+            Sim::start(&args, 1)
+        })
+        .collect()
+}
+
 /// A running `infergate serve`, killed (by its PID) when dropped.
 pub struct Serve {
     pub child: Child,
