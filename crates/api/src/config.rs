@@ -195,6 +195,7 @@ pub enum PluginKind {
     SingleProfileHandler,
     /// `utilization-detector`: saturation from queue depth, KV usage and staleness.
     UtilizationDetector(UtilizationDetectorParams),
+    ConcurrencyDetector(ConcurrencyDetectorParams),
     /// `approx-prefix-cache-producer`: maintains the approximate prefix index.
     ApproxPrefixCacheProducer,
     /// `metrics-data-source`: scrapes model-server metrics.
@@ -224,6 +225,7 @@ pub const KNOWN_PLUGIN_TYPES: &[&str] = &[
     "low-queue-filter",
     "single-profile-handler",
     "utilization-detector",
+    "concurrency-detector",
     "approx-prefix-cache-producer",
     "metrics-data-source",
     "core-metrics-extractor",
@@ -252,6 +254,7 @@ impl PluginKind {
             PluginKind::LowQueueFilter(_) => "low-queue-filter",
             PluginKind::SingleProfileHandler => "single-profile-handler",
             PluginKind::UtilizationDetector(_) => "utilization-detector",
+            PluginKind::ConcurrencyDetector(_) => "concurrency-detector",
             PluginKind::ApproxPrefixCacheProducer => "approx-prefix-cache-producer",
             PluginKind::MetricsDataSource(_) => "metrics-data-source",
             PluginKind::CoreMetricsExtractor => "core-metrics-extractor",
@@ -280,7 +283,9 @@ impl PluginKind {
             | PluginKind::LoraAffinityFilter(_)
             | PluginKind::LowQueueFilter(_) => Filter,
             PluginKind::SingleProfileHandler => ProfileHandler,
-            PluginKind::UtilizationDetector(_) => SaturationDetector,
+            PluginKind::UtilizationDetector(_) | PluginKind::ConcurrencyDetector(_) => {
+                SaturationDetector
+            }
             PluginKind::MetricsDataSource(_) | PluginKind::CoreMetricsExtractor => DataSource,
             PluginKind::ApproxPrefixCacheProducer => Other,
         }
@@ -312,6 +317,7 @@ impl PluginKind {
             "low-queue-filter" => params.get().map(LowQueueFilter),
             "single-profile-handler" => none(SingleProfileHandler),
             "utilization-detector" => params.get().map(UtilizationDetector),
+            "concurrency-detector" => params.get().map(ConcurrencyDetector),
             "approx-prefix-cache-producer" => none(ApproxPrefixCacheProducer),
             "metrics-data-source" => params.get().map(MetricsDataSource),
             "core-metrics-extractor" => none(CoreMetricsExtractor),
@@ -369,6 +375,21 @@ impl PluginKind {
                 }
             }
             PluginKind::LoraAffinityFilter(p) => unit(errors, "threshold", p.threshold),
+            PluginKind::ConcurrencyDetector(p) => {
+                at_least_one(errors, "maxConcurrency", p.max_concurrency);
+                if p.max_token_concurrency < 1 {
+                    errors.push(FieldError::new(
+                        at.key("maxTokenConcurrency"),
+                        "must be at least 1",
+                    ));
+                }
+                if !(p.headroom.is_finite() && p.headroom >= 0.0) {
+                    errors.push(FieldError::new(
+                        at.key("headroom"),
+                        format!("{} must be a number >= 0", p.headroom),
+                    ));
+                }
+            }
             PluginKind::UtilizationDetector(p) => {
                 at_least_one(errors, "queueDepthThreshold", p.queue_depth_threshold);
                 if !(p.kv_cache_util_threshold > 0.0 && p.kv_cache_util_threshold <= 1.0) {
@@ -548,6 +569,32 @@ impl Default for FlowControlConfig {
             // The reference's default per band.
             max_bytes: 1 << 30,
             default_request_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parameters of `concurrency-detector`: an endpoint is saturated when this picker has
+/// `maxConcurrency` requests (or `maxTokenConcurrency` prompt tokens) in flight on it. It
+/// needs no scrape, and set below the server's own batch limit (vLLM `--max-num-seqs`) it
+/// keeps room on every replica for work that is not sheddable.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ConcurrencyDetectorParams {
+    /// Requests in flight on one endpoint at which it counts as saturated.
+    pub max_concurrency: u32,
+    /// Prompt tokens in flight on one endpoint at which it counts as saturated.
+    pub max_token_concurrency: u64,
+    /// Extra room above the limits before an endpoint is avoided.
+    pub headroom: f64,
+}
+
+impl Default for ConcurrencyDetectorParams {
+    fn default() -> Self {
+        // The reference's defaults.
+        ConcurrencyDetectorParams {
+            max_concurrency: 100,
+            max_token_concurrency: 1_000_000,
+            headroom: 0.0,
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::endpoint::EndpointSpec;
 use crate::latency::{Line, PredictedLatencyScorer};
 use crate::objective::{Objective, Rewrite, RewriteRule, RewriteTarget};
 use crate::prefix::{PrefixConfig, CHARS_PER_TOKEN};
-use crate::saturation::SaturationConfig;
+use crate::saturation::{ConcurrencyLimits, SaturationConfig};
 use crate::scheduler::*;
 
 /// A configuration that parsed but cannot be run.
@@ -113,6 +113,15 @@ pub fn scheduler_config(
             kv_cache_util_threshold: p.kv_cache_util_threshold,
             staleness: p.metrics_staleness_threshold,
             headroom: p.headroom,
+            concurrency: None,
+        },
+        Some(PluginKind::ConcurrencyDetector(p)) => SaturationConfig {
+            headroom: p.headroom,
+            concurrency: Some(ConcurrencyLimits {
+                max_requests: f64::from(p.max_concurrency.max(1)),
+                max_tokens: p.max_token_concurrency.max(1) as f64,
+            }),
+            ..SaturationConfig::default()
         },
         Some(other) if other.category() != PluginCategory::SaturationDetector => {
             return Err(BuildError(format!(

@@ -416,10 +416,8 @@ impl Director {
             })
             .sum::<f64>()
             / snap.endpoints.len() as f64;
-        // A request on its way counts as one more waiting somewhere in the pool.
-        let per_pending =
-            1.0 / (sat.queue_depth_threshold.max(f64::MIN_POSITIVE) * snap.endpoints.len() as f64);
-        (score, per_pending)
+        // A request on its way counts as one more somewhere in the pool.
+        (score, sat.per_request(snap.endpoints.len()))
     }
 
     fn has_room(&self, cfg: &SchedulerConfig, now: Duration, pending: usize) -> bool {

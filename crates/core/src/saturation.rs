@@ -17,6 +17,16 @@ pub struct SaturationConfig {
     pub staleness: Duration,
     /// Endpoints above `threshold x (1 + headroom)` are avoided when others are below.
     pub headroom: f64,
+    /// The `concurrency-detector` instead: judge endpoints by what this picker has in
+    /// flight there, not by their scraped queue and KV cache.
+    pub concurrency: Option<ConcurrencyLimits>,
+}
+
+/// Per-endpoint limits of the `concurrency-detector`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConcurrencyLimits {
+    pub max_requests: f64,
+    pub max_tokens: f64,
 }
 
 impl Default for SaturationConfig {
@@ -26,6 +36,7 @@ impl Default for SaturationConfig {
             kv_cache_util_threshold: 0.8,
             staleness: Duration::from_millis(200),
             headroom: 0.0,
+            concurrency: None,
         }
     }
 }
@@ -33,6 +44,11 @@ impl Default for SaturationConfig {
 impl SaturationConfig {
     /// Utilisation score of one endpoint at `now`; 1.0 or more is saturated.
     pub fn endpoint_score(&self, v: &EndpointView<'_>, now: Duration) -> f64 {
+        if let Some(c) = self.concurrency {
+            let e = v.endpoint;
+            return (e.inflight_requests() as f64 / c.max_requests.max(1.0))
+                .max(e.inflight_tokens() as f64 / c.max_tokens.max(1.0));
+        }
         let age = v.updated_at.map(|t| now.saturating_sub(t));
         if age.is_none_or(|a| a > self.staleness) {
             return 1.0;
@@ -41,6 +57,15 @@ impl SaturationConfig {
         let kv =
             v.kv_cache_usage.unwrap_or(0.0) / self.kv_cache_util_threshold.max(f64::MIN_POSITIVE);
         q.max(kv)
+    }
+
+    /// What one more request on one of `endpoints` endpoints adds to the pool's score.
+    pub fn per_request(&self, endpoints: usize) -> f64 {
+        let unit = match self.concurrency {
+            Some(c) => c.max_requests,
+            None => self.queue_depth_threshold,
+        };
+        1.0 / (unit.max(f64::MIN_POSITIVE) * endpoints.max(1) as f64)
     }
 
     /// Mean score over `cands`; an empty pool is saturated.

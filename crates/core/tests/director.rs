@@ -415,3 +415,41 @@ fn an_endpoint_whose_responses_keep_ending_broken_is_avoided_for_a_while() {
     assert!(again.avoided(NOW));
     assert_eq!(pick(&d, &mut rng, NOW), addr(1));
 }
+
+#[test]
+fn concurrency_detector_sheds_on_what_the_picker_has_in_flight_not_on_scrapes() {
+    // Scrapes say both endpoints are idle; only the picker's own count matters.
+    let ds = mk_pool(&[(1, 0, 0.0), (2, 0, 0.0)]);
+    ds.set_policy(Policy {
+        objectives: vec![Objective {
+            name: "batch".into(),
+            priority: -1,
+        }],
+        ..Default::default()
+    });
+    let yaml = "apiVersion: inference.networking.x-k8s.io/v1alpha1\n\
+                kind: EndpointPickerConfig\n\
+                plugins:\n\
+                - type: concurrency-detector\n  parameters: {maxConcurrency: 2}\n\
+                - type: queue-scorer\n- type: max-score-picker\n\
+                schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n  - pluginRef: max-score-picker\n";
+    let cfg = infergate_api::config::EndpointPickerConfig::from_yaml_str(yaml, "epp.yaml").unwrap();
+    let sched = infergate_core::build::scheduler_config(&cfg, Duration::from_secs(2)).unwrap();
+    let d = Director::new(ds, sched);
+    let mut rng = SmallRng::seed_from_u64(3);
+    let body = completion("m", "hello");
+    let mut batch = input(&body);
+    batch.objective = Some("batch");
+    // Three of the pool's four slots in use: sheddable work still goes.
+    let mut held: Vec<_> = (0..3)
+        .map(|_| d.decide(&input(&body), NOW, &mut rng).unwrap())
+        .collect();
+    held.push(d.decide(&batch, NOW, &mut rng).unwrap());
+    // All four in use (mean 2 of 2): sheddable work is refused, the rest still goes.
+    let err = d.decide(&batch, NOW, &mut rng).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Shed);
+    held.push(d.decide(&input(&body), NOW, &mut rng).unwrap());
+    // Two finish: room again.
+    held.truncate(3);
+    assert!(d.decide(&batch, NOW, &mut rng).is_ok());
+}

@@ -537,3 +537,25 @@ fn predicted_latency_params_are_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn concurrency_detector_has_the_reference_defaults_and_checks_its_limits() {
+    let config = load(&format!("{HEADER}plugins:\n- type: concurrency-detector\n"));
+    assert_eq!(config.saturation_detector, "concurrency-detector");
+    assert_eq!(
+        config.plugin("concurrency-detector").unwrap().kind,
+        PluginKind::ConcurrencyDetector(ConcurrencyDetectorParams {
+            max_concurrency: 100,
+            max_token_concurrency: 1_000_000,
+            headroom: 0.0,
+        })
+    );
+    let text = format!(
+        "{HEADER}plugins:\n- type: concurrency-detector\n  parameters:\n    maxConcurrency: 0\n"
+    );
+    assert_problem(
+        &fail(&text),
+        "plugins[0].parameters.maxConcurrency",
+        line(&text, "maxConcurrency"),
+    );
+}
