@@ -210,6 +210,9 @@ pub struct RigOptions {
     /// Envoy verifies the picker's certificate against this PEM CA file (by default it
     /// does not verify, as gateways do not).
     pub envoy_trusted_ca: Option<PathBuf>,
+    /// Envoy's ext_proc `message_timeout` (the testkit's default is 1000 s; Envoy's own is
+    /// 200 ms).
+    pub message_timeout: Option<Duration>,
 }
 
 impl Default for RigOptions {
@@ -225,6 +228,7 @@ impl Default for RigOptions {
             kubernetes: false,
             secure_serving: true,
             envoy_trusted_ca: None,
+            message_timeout: None,
         }
     }
 }
@@ -304,6 +308,9 @@ impl Rig {
         }
         if let Some(ca) = &opts.envoy_trusted_ca {
             envoy_cfg = envoy_cfg.ext_proc_trusted_ca(ca);
+        }
+        if let Some(t) = opts.message_timeout {
+            envoy_cfg = envoy_cfg.message_timeout(t);
         }
         let envoy = Envoy::start(
             envoy_cfg
