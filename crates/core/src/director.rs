@@ -366,15 +366,11 @@ impl Director {
     /// Keep the ticket until [`Director::pick`] has returned.
     pub fn admit(&self, priority: i32, bytes: u64, now: Duration) -> Admission {
         let cfg = self.config.load();
-        let flow = cfg.flow.unwrap_or(FlowConfig {
-            max_requests: usize::MAX,
-            max_bytes: u64::MAX,
-            ttl: Duration::MAX,
-        });
+        let flow = cfg.flow.unwrap_or(FlowConfig::UNLIMITED);
         if cfg.flow.is_none() {
-            return self.flow.admit(&flow, priority, bytes, |_| true);
+            return self.flow.admit(&flow, priority, bytes, now, |_| true);
         }
-        self.flow.admit(&flow, priority, bytes, |pending| {
+        self.flow.admit(&flow, priority, bytes, now, |pending| {
             self.has_room(&cfg, now, pending)
         })
     }
@@ -386,13 +382,14 @@ impl Director {
             return 0;
         }
         let cfg = self.config.load();
-        if cfg.flow.is_none() {
+        let Some(flow) = cfg.flow else {
             // Flow control was switched off by a reload: let everyone go.
-            return self.flow.release(|_| true);
-        }
+            return self.flow.release(&FlowConfig::UNLIMITED, now, |_| true);
+        };
         let (score, per_pending) = self.pool_load(&cfg, now);
-        self.flow
-            .release(|pending| score + pending as f64 * per_pending < 1.0)
+        self.flow.release(&flow, now, |pending| {
+            score + pending as f64 * per_pending < 1.0
+        })
     }
 
     /// Requests waiting in the flow-control queue.

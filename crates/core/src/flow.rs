@@ -33,6 +33,15 @@ pub struct FlowConfig {
     pub ttl: Duration,
 }
 
+impl FlowConfig {
+    /// No limits and no time limit: what flow control switched off amounts to.
+    pub const UNLIMITED: FlowConfig = FlowConfig {
+        max_requests: usize::MAX,
+        max_bytes: u64::MAX,
+        ttl: Duration::MAX,
+    };
+}
+
 impl From<&infergate_api::config::FlowControlConfig> for FlowConfig {
     fn from(c: &infergate_api::config::FlowControlConfig) -> Self {
         FlowConfig {
@@ -65,6 +74,8 @@ struct State {
 struct Slot {
     priority: i32,
     bytes: u64,
+    /// When it started waiting.
+    since: Duration,
     waker: Option<Waker>,
     /// Set when the request leaves the queue: released (`Ok`) or displaced (`Err`).
     outcome: Option<Result<(), PickError>>,
@@ -168,14 +179,16 @@ impl FlowQueue {
         self.state.lock().pending
     }
 
-    /// Decide what happens to a request of `priority` with a body of `bytes`. `has_room`
-    /// says whether the pool can take one more request when `pending` more are already on
-    /// their way; it is asked only when the queue holds nothing ahead of this request.
+    /// Decide what happens to a request of `priority` with a body of `bytes`, arriving at
+    /// `now`. `has_room` says whether the pool can take one more request when `pending`
+    /// more are already on their way; it is asked only when the queue holds nothing ahead
+    /// of this request.
     pub fn admit(
         &self,
         config: &FlowConfig,
         priority: i32,
         bytes: u64,
+        now: Duration,
         has_room: impl FnOnce(usize) -> bool,
     ) -> Admission {
         let mut st = self.state.lock();
@@ -243,6 +256,7 @@ impl FlowQueue {
             Slot {
                 priority,
                 bytes,
+                since: now,
                 waker: None,
                 outcome: None,
             },
@@ -254,16 +268,36 @@ impl FlowQueue {
         })
     }
 
-    /// Release waiting requests, best first, while `has_room(pending)` holds. Returns how
-    /// many were released.
-    pub fn release(&self, mut has_room: impl FnMut(usize) -> bool) -> usize {
+    /// Release waiting requests at `now` while `has_room(pending)` holds; returns how many.
+    ///
+    /// The best priority goes first. Within it, the oldest goes first, unless it has waited
+    /// half its time limit: then the queue is not draining, and first come first served
+    /// would make every request wait nearly the whole limit (the oldest is always next), so
+    /// the newest goes first (adaptive LIFO) and the oldest are left to time out.
+    pub fn release(
+        &self,
+        config: &FlowConfig,
+        now: Duration,
+        mut has_room: impl FnMut(usize) -> bool,
+    ) -> usize {
         let mut st = self.state.lock();
         let mut released = 0;
-        while let Some(&(_, id)) = st.order.first() {
+        while let Some(&(std::cmp::Reverse(p), oldest)) = st.order.first() {
             if !has_room(st.pending) {
                 break;
             }
-            st.order.pop_first();
+            let congested = now.saturating_sub(st.slots[&oldest].since) >= config.ttl / 2;
+            let key = if congested {
+                let band = (std::cmp::Reverse(p), 0)..=(std::cmp::Reverse(p), u64::MAX);
+                *st.order
+                    .range(band)
+                    .next_back()
+                    .expect("the band holds `oldest`")
+            } else {
+                (std::cmp::Reverse(p), oldest)
+            };
+            st.order.remove(&key);
+            let id = key.1;
             st.pending += 1;
             let slot = st.slots.get_mut(&id).expect("queued slot");
             slot.outcome = Some(Ok(()));
@@ -324,6 +358,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
 
+    const T0: Duration = Duration::from_secs(100);
     const CFG: FlowConfig = FlowConfig {
         max_requests: 3,
         max_bytes: 1000,
@@ -351,13 +386,13 @@ mod tests {
     #[test]
     fn with_room_and_nobody_ahead_a_request_goes_at_once() {
         let q = FlowQueue::default();
-        let t = match q.admit(&CFG, 0, 10, |pending| pending == 0) {
+        let t = match q.admit(&CFG, 0, 10, T0, |pending| pending == 0) {
             Admission::Now(t) => t,
             other => panic!("{other:?}"),
         };
         assert_eq!(q.pending(), 1);
         // The next one sees the first as pending, and the gate says no.
-        let _w = wait(q.admit(&CFG, 0, 10, |pending| pending == 0));
+        let _w = wait(q.admit(&CFG, 0, 10, T0, |pending| pending == 0));
         drop(t);
         assert_eq!(q.pending(), 0);
     }
@@ -367,13 +402,13 @@ mod tests {
         let q = FlowQueue::default();
         let counter = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
-        let mut low = wait(q.admit(&CFG, 0, 1, |_| false));
-        let mut high1 = wait(q.admit(&CFG, 5, 1, |_| false));
-        let mut high2 = wait(q.admit(&CFG, 5, 1, |_| false));
+        let mut low = wait(q.admit(&CFG, 0, 1, T0, |_| false));
+        let mut high1 = wait(q.admit(&CFG, 5, 1, T0, |_| false));
+        let mut high2 = wait(q.admit(&CFG, 5, 1, T0, |_| false));
         for w in [&mut low, &mut high1, &mut high2] {
             assert!(poll(w, &waker).is_pending());
         }
-        assert_eq!(q.release(|pending| pending < 1), 1);
+        assert_eq!(q.release(&CFG, T0, |pending| pending < 1), 1);
         assert!(poll(&mut low, &waker).is_pending());
         assert!(poll(&mut high2, &waker).is_pending());
         let t1 = match poll(&mut high1, &waker) {
@@ -382,20 +417,38 @@ mod tests {
         };
         assert_eq!(counter.0.load(Ordering::SeqCst), 1);
         drop(t1);
-        assert_eq!(q.release(|pending| pending < 1), 1);
+        assert_eq!(q.release(&CFG, T0, |pending| pending < 1), 1);
         assert!(matches!(poll(&mut high2, &waker), Poll::Ready(Ok(_))));
-        assert_eq!(q.release(|pending| pending < 1), 1);
+        assert_eq!(q.release(&CFG, T0, |pending| pending < 1), 1);
         assert!(matches!(poll(&mut low, &waker), Poll::Ready(Ok(_))));
         assert!(q.is_empty());
         assert_eq!(q.pending(), 0);
     }
 
     #[test]
+    fn a_queue_that_does_not_drain_serves_the_newest_first() {
+        let q = FlowQueue::default();
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        // CFG's limit is 1 s: the oldest has waited 0.6 s when room appears.
+        let mut old = wait(q.admit(&CFG, 0, 1, T0, |_| false));
+        let later = T0 + Duration::from_millis(600);
+        let mut new = wait(q.admit(&CFG, 0, 1, later, |_| false));
+        let mut best = wait(q.admit(&CFG, 5, 1, later, |_| false));
+        assert_eq!(q.release(&CFG, later, |pending| pending < 2), 2);
+        // Priority still comes first; within priority 0 the newer request goes.
+        assert!(matches!(poll(&mut best, &waker), Poll::Ready(Ok(_))));
+        assert!(matches!(poll(&mut new, &waker), Poll::Ready(Ok(_))));
+        assert!(poll(&mut old, &waker).is_pending());
+        // A queue that drains (nothing older than half the limit) stays first come first
+        // served: see `waiters_are_released_by_priority_then_arrival`.
+    }
+
+    #[test]
     fn sheddable_work_never_waits_and_never_jumps_the_queue() {
         let q = FlowQueue::default();
-        let _w = wait(q.admit(&CFG, 0, 1, |_| false));
+        let _w = wait(q.admit(&CFG, 0, 1, T0, |_| false));
         // Room, but a better request waits: refused.
-        match q.admit(&CFG, -1, 1, |_| true) {
+        match q.admit(&CFG, -1, 1, T0, |_| true) {
             Admission::Refused(e) => {
                 assert_eq!(e.kind.status(), 429);
                 assert!(e.message.contains("sheddable"), "{}", e.message);
@@ -404,10 +457,13 @@ mod tests {
         }
         let q = FlowQueue::default();
         assert!(matches!(
-            q.admit(&CFG, -1, 1, |_| false),
+            q.admit(&CFG, -1, 1, T0, |_| false),
             Admission::Refused(_)
         ));
-        assert!(matches!(q.admit(&CFG, -1, 1, |_| true), Admission::Now(_)));
+        assert!(matches!(
+            q.admit(&CFG, -1, 1, T0, |_| true),
+            Admission::Now(_)
+        ));
     }
 
     #[test]
@@ -415,16 +471,16 @@ mod tests {
         let q = FlowQueue::default();
         let counter = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
-        let mut old_low = wait(q.admit(&CFG, 0, 1, |_| false));
-        let mut new_low = wait(q.admit(&CFG, 0, 1, |_| false));
-        let _mid = wait(q.admit(&CFG, 3, 1, |_| false));
+        let mut old_low = wait(q.admit(&CFG, 0, 1, T0, |_| false));
+        let mut new_low = wait(q.admit(&CFG, 0, 1, T0, |_| false));
+        let _mid = wait(q.admit(&CFG, 3, 1, T0, |_| false));
         assert!(poll(&mut new_low, &waker).is_pending());
         // Full: a priority-0 arrival is refused, a priority-9 one displaces the newest 0.
-        match q.admit(&CFG, 0, 1, |_| false) {
+        match q.admit(&CFG, 0, 1, T0, |_| false) {
             Admission::Refused(e) => assert!(e.message.contains("queue is full"), "{}", e.message),
             other => panic!("{other:?}"),
         }
-        let _high = wait(q.admit(&CFG, 9, 1, |_| false));
+        let _high = wait(q.admit(&CFG, 9, 1, T0, |_| false));
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
             1,
@@ -441,9 +497,9 @@ mod tests {
         assert_eq!(q.len(), 3);
         // Bytes count too.
         let q = FlowQueue::default();
-        let _a = wait(q.admit(&CFG, 0, 900, |_| false));
+        let _a = wait(q.admit(&CFG, 0, 900, T0, |_| false));
         assert!(matches!(
-            q.admit(&CFG, 0, 200, |_| false),
+            q.admit(&CFG, 0, 200, T0, |_| false),
             Admission::Refused(_)
         ));
     }
@@ -451,12 +507,12 @@ mod tests {
     #[test]
     fn a_dropped_waiter_leaves_the_queue_and_frees_its_slot() {
         let q = FlowQueue::default();
-        let w = wait(q.admit(&CFG, 0, 100, |_| false));
+        let w = wait(q.admit(&CFG, 0, 100, T0, |_| false));
         drop(w);
         assert!(q.is_empty());
         // Released but dropped before it was polled: the pending count comes back.
-        let w = wait(q.admit(&CFG, 0, 100, |_| false));
-        assert_eq!(q.release(|_| true), 1);
+        let w = wait(q.admit(&CFG, 0, 100, T0, |_| false));
+        assert_eq!(q.release(&CFG, T0, |_| true), 1);
         assert_eq!(q.pending(), 1);
         drop(w);
         assert_eq!(q.pending(), 0);
