@@ -94,13 +94,23 @@ pub enum Admission {
 /// Held from admission until the request is scheduled (its in-flight guard exists).
 #[derive(Debug)]
 pub struct Ticket {
-    state: Arc<Mutex<State>>,
+    /// The queue that counts this request as pending; `None` without flow control.
+    state: Option<Arc<Mutex<State>>>,
+}
+
+impl Ticket {
+    /// The ticket of a request admitted without flow control: it is counted nowhere.
+    pub fn unqueued() -> Ticket {
+        Ticket { state: None }
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut st = self.state.lock();
-        st.pending = st.pending.saturating_sub(1);
+        if let Some(state) = &self.state {
+            let mut st = state.lock();
+            st.pending = st.pending.saturating_sub(1);
+        }
     }
 }
 
@@ -136,7 +146,7 @@ impl Future for Waiter {
                 drop(st);
                 self.done = true;
                 Poll::Ready(outcome.map(|()| Ticket {
-                    state: self.state.clone(),
+                    state: Some(self.state.clone()),
                 }))
             }
         }
@@ -199,7 +209,7 @@ impl FlowQueue {
         if !ahead && has_room(st.pending) {
             st.pending += 1;
             return Admission::Now(Ticket {
-                state: self.state.clone(),
+                state: Some(self.state.clone()),
             });
         }
         if priority < 0 {

@@ -420,9 +420,8 @@ impl Exchange {
             None => match ctx.director.admit(priority, body.len() as u64, t0) {
                 Admission::Now(t) => t,
                 Admission::Refused(e) => {
-                    if ctx.director.config().flow.is_some() {
-                        ctx.metrics.flow_wait(priority, "rejected", Duration::ZERO);
-                    }
+                    // Only flow control refuses here.
+                    ctx.metrics.flow_wait(priority, "rejected", Duration::ZERO);
                     let status = e.kind.status();
                     return vec![self.refuse(e, status)];
                 }
