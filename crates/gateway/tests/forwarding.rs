@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use infergate_gateway::GatewayConfig;
 use infergate_sim::server::Faults;
+use infergate_testkit::poll::eventually;
 use infergate_testkit::{get, post_json, post_json_stream, FakeModelServer, HttpClient};
 
 fn cfg() -> GatewayConfig {

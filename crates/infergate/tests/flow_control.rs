@@ -100,7 +100,7 @@ async fn scenario(t: &Target<'_>) {
     let url = t.url.clone();
     let low = tokio::spawn(async move { send(&url, None, "low").await });
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        infergate_testkit::poll::eventually(Duration::from_secs(5), || async {
             metric(t, "inference_extension_flow_control_queue_size").await == 1.0
         })
         .await,
@@ -109,7 +109,7 @@ async fn scenario(t: &Target<'_>) {
     let url = t.url.clone();
     let high = tokio::spawn(async move { send(&url, Some("interactive"), "high").await });
     assert!(
-        eventually_async(Duration::from_secs(5), || async {
+        infergate_testkit::poll::eventually(Duration::from_secs(5), || async {
             metric(t, "inference_extension_flow_control_queue_size").await == 2.0
         })
         .await,
@@ -177,28 +177,12 @@ async fn scenario(t: &Target<'_>) {
     assert_eq!(waits("rejected"), 1.0, "{page}");
     // The gauge follows the queue within the release loop's 50 ms idle period.
     assert!(
-        eventually_async(Duration::from_secs(2), || async {
+        infergate_testkit::poll::eventually(Duration::from_secs(2), || async {
             metric(t, "inference_extension_flow_control_queue_size").await == 0.0
         })
         .await,
         "the queue-size gauge should return to 0"
     );
-}
-
-/// Poll an async condition until it holds or `timeout` passes.
-async fn eventually_async<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

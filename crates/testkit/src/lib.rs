@@ -29,6 +29,7 @@ pub mod http;
 pub mod kube_api;
 pub mod model_server;
 pub mod peer_routers;
+pub mod poll;
 pub mod ports;
 pub mod procstat;
 

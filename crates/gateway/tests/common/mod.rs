@@ -204,22 +204,6 @@ pub async fn gateway_metrics(gw: &TestGateway) -> String {
     String::from_utf8_lossy(&page).into_owned()
 }
 
-/// Polls `f` every 20 ms until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 /// The error object of an OpenAI-style error body.
 pub fn error_of(body: &[u8]) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_slice(body)
